@@ -1,0 +1,27 @@
+"""``python -m jointdit.train [overrides]`` — compose the ``train`` config and run one training job.
+
+    python -m jointdit.train stage=b vram=48gb stage.init_from=<stage A model folder>
+    python -m jointdit.train -m model=tiny,small optim.lr=1e-4,3e-4
+    python -m jointdit.train --cfg job stage=b vram=48gb      # print the composed config
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from jointdit.config import CONFIG_DIR, register_resolvers
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from jointdit.training import train
+
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric", "train/loss"))
+
+
+if __name__ == "__main__":
+    main()
