@@ -1,0 +1,170 @@
+"""Rotary position embeddings (RoPE) for joint video+audio tokens, with time measured in seconds.
+
+A head vector ``x ∈ R^{Dh}`` is viewed as ``P = Dh/2`` planes; plane ``j`` holds ``(x_j, x_{j+P})``
+("rotate-half" layout) and is rotated by the angle ``θ_j(pos)``:
+
+    x'_j     = x_j·cos θ_j − x_{j+P}·sin θ_j
+    x'_{j+P} = x_j·sin θ_j + x_{j+P}·cos θ_j
+
+Each rotation is orthogonal, so ``‖x'‖ = ‖x‖``; and because every ``θ_j`` is linear in the position,
+``⟨R(p)q, R(p')k⟩ = ⟨q, R(p'−p)k⟩`` depends only on the offset ``p' − p``.
+
+The ``P`` planes are split between axes (see :func:`split_planes`):
+
+    [ time | height | width | freq ]
+      video tokens rotate time, height, width (freq planes keep angle 0);
+      audio tokens rotate time and freq (height/width planes keep angle 0).
+
+The time planes use the SAME frequencies for both modalities and the position is a token's centre in
+seconds, so a video token and an audio token that cover the same instant get the same time phase, and
+the time planes' share of a video↔audio score depends only on their offset in seconds. Spatial and mel
+planes are disjoint, so no meaningless "row minus mel bin" offset arises between modalities (in those
+planes a cross-modal pair sees each token's own position, like an absolute embedding). Context tokens
+get no RoPE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class RopePlanes:
+    """How many rotation planes (pairs of head channels) each axis gets."""
+
+    time: int
+    height: int
+    width: int
+    freq: int
+
+    @property
+    def total(self) -> int:
+        return self.time + self.height + self.width + self.freq
+
+
+def split_planes(head_dim: int) -> RopePlanes:
+    """Half of the planes go to time (shared by both modalities); the rest are split h / w / freq.
+
+    Time is the only axis the two modalities share, so it gets the most bands; the spatial axes and the
+    mel axis each have only a handful of positions in a latent grid.
+    """
+    if head_dim % 2:
+        raise ValueError(f"RoPE needs an even head dim, got {head_dim}")
+    planes = head_dim // 2
+    time = planes // 2
+    rest = planes - time
+    height = rest // 3 + (rest % 3 > 0)
+    width = rest // 3 + (rest % 3 > 1)
+    return RopePlanes(time=time, height=height, width=width, freq=rest - height - width)
+
+
+def band_frequencies(n: int, theta: float, scale: float = 1.0) -> Tensor:
+    """Geometric bands ``scale · θ^{-i/n}``, i = 0..n-1 (radians per position unit)."""
+    if n == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    return scale * theta ** (-torch.arange(n, dtype=torch.float64) / n)
+
+
+class JointRope:
+    """Computes the (cos, sin) tables for video and audio token grids.
+
+    Args:
+        head_dim: attention head width ``Dh``.
+        video_seconds_per_token: ``patch_t / video_latent_fps``.
+        audio_seconds_per_token: ``audio_patch_t / audio_latent_fps``.
+        theta: base of the geometric frequency bands.
+        time_scale: radians per second of the fastest time band; by default the finer of the two token
+            rates (tokens/s), so adjacent tokens of the faster modality are one radian apart.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        video_seconds_per_token: float,
+        audio_seconds_per_token: float,
+        theta: float = 10000.0,
+        time_scale: float | None = None,
+    ) -> None:
+        self.planes = split_planes(head_dim)
+        self.video_dt = float(video_seconds_per_token)
+        self.audio_dt = float(audio_seconds_per_token)
+        if time_scale is None:
+            time_scale = 1.0 / min(self.video_dt, self.audio_dt)
+        p = self.planes
+        self.time_freqs = band_frequencies(p.time, theta, time_scale)
+        self.height_freqs = band_frequencies(p.height, theta)
+        self.width_freqs = band_frequencies(p.width, theta)
+        self.freq_freqs = band_frequencies(p.freq, theta)
+
+    # -- positions -------------------------------------------------------------------------------
+    def video_positions(self, grid_t: int, grid_h: int, grid_w: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Token (time seconds, row, column) in the (t, h, w) row-major order of the patch embedding."""
+        t = (torch.arange(grid_t, dtype=torch.float64) + 0.5) * self.video_dt  # patch centre in seconds
+        t, h, w = torch.meshgrid(
+            t, torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
+        )
+        return t.flatten(), h.flatten(), w.flatten()
+
+    def audio_positions(self, grid_t: int, grid_f: int) -> tuple[Tensor, Tensor]:
+        """Token (time seconds, mel bin) in the (t, f) row-major order of the patch embedding."""
+        t = (torch.arange(grid_t, dtype=torch.float64) + 0.5) * self.audio_dt
+        t, f = torch.meshgrid(t, torch.arange(grid_f, dtype=torch.float64), indexing="ij")
+        return t.flatten(), f.flatten()
+
+    # -- angles ------------------------------------------------------------------------------------
+    def angles(
+        self,
+        seconds: Tensor,
+        height: Tensor | None = None,
+        width: Tensor | None = None,
+        freq: Tensor | None = None,
+    ) -> Tensor:
+        """Per-plane angles ``[N, P]``; an axis given as None contributes angle 0 (identity rotation)."""
+        n = seconds.shape[0]
+
+        def axis(pos: Tensor | None, freqs: Tensor) -> Tensor:
+            if pos is None:
+                return torch.zeros(n, freqs.numel(), dtype=torch.float64)
+            return pos.to(torch.float64)[:, None] * freqs[None, :]
+
+        return torch.cat(
+            [
+                axis(seconds, self.time_freqs),
+                axis(height, self.height_freqs),
+                axis(width, self.width_freqs),
+                axis(freq, self.freq_freqs),
+            ],
+            dim=1,
+        )
+
+    def video(self, grid_t: int, grid_h: int, grid_w: int, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+        t, h, w = self.video_positions(grid_t, grid_h, grid_w)
+        return cos_sin(self.angles(t, height=h, width=w), device, dtype)
+
+    def audio(self, grid_t: int, grid_f: int, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+        t, f = self.audio_positions(grid_t, grid_f)
+        return cos_sin(self.angles(t, freq=f), device, dtype)
+
+
+def cos_sin(angles: Tensor, device=None, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+    """``[N, P]`` angles → (cos, signed sin), each ``[N, 1, 2P]`` for the rotate-half form of :func:`apply_rope`.
+
+    The table broadcasts over heads of ``[B, N, H, Dh]`` tensors. Angles are built in float64 so long
+    clips do not lose phase precision before the cast.
+    """
+    cos = torch.cos(angles)
+    sin = torch.sin(angles)
+    cos = torch.cat([cos, cos], dim=-1)
+    sin = torch.cat([-sin, sin], dim=-1)
+    return cos[:, None].to(device=device, dtype=dtype), sin[:, None].to(device=device, dtype=dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [B, N, H, Dh]``: ``x·cos + swap_halves(x)·sin`` with sin = [−sin, +sin] (see module doc)."""
+    half = x.shape[-1] // 2
+    swapped = torch.cat([x[..., half:], x[..., :half]], dim=-1)
+    # Cast the table, not x: under autocast q/k may be bf16 and must stay in v's dtype for SDPA.
+    return torch.addcmul(x * cos.to(x.dtype), swapped, sin.to(x.dtype))

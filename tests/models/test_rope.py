@@ -1,0 +1,80 @@
+"""RoPE is a real rotation, relative in every axis, and measures time in seconds shared by both modalities."""
+
+import jointdit  # noqa: F401
+import pytest
+import torch
+
+from jointdit.models.rope import JointRope, apply_rope, cos_sin, split_planes
+
+HEAD_DIM = 32
+
+
+def rope(video_fps=4.0, audio_fps=16.0, pt_v=1, pt_a=4) -> JointRope:
+    # video token = 1 frame at 4 fps = 0.25 s; audio token = 4 steps at 16 fps = 0.25 s
+    return JointRope(HEAD_DIM, pt_v / video_fps, pt_a / audio_fps)
+
+
+def rotate(r: JointRope, x: torch.Tensor, seconds, height=None, width=None, freq=None) -> torch.Tensor:
+    """Rotate ``x [N, Dh]`` at the given per-token positions."""
+    t = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
+    cos, sin = cos_sin(r.angles(t(seconds), t(height), t(width), t(freq)), dtype=torch.float64)
+    return apply_rope(x[None, :, None, :], cos, sin)[0, :, 0]  # as [B=1, N, H=1, Dh]
+
+
+def test_plane_split_covers_the_head():
+    for d in (16, 32, 64, 128):
+        p = split_planes(d)
+        assert p.total == d // 2 and p.time == d // 4 and min(p.height, p.width, p.freq) >= 1
+
+
+def test_rotation_preserves_norm():
+    r = rope()
+    x = torch.randn(50, HEAD_DIM, dtype=torch.float64)
+    pos = torch.rand(50) * 20
+    for kwargs in ({"height": pos * 3, "width": pos * 5}, {"freq": pos * 7}):
+        y = rotate(r, x, pos, **kwargs)
+        torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+        assert not torch.allclose(y, x)  # and it actually rotates
+
+
+@pytest.mark.parametrize("axis", ["seconds", "height", "width", "freq"])
+def test_score_depends_only_on_offset(axis):
+    r = rope()
+    q, k = torch.randn(2, 1, HEAD_DIM, dtype=torch.float64)
+
+    def score(pq, pk):
+        def at(p):
+            pos = {"seconds": [0.0], "height": None, "width": None, "freq": None}
+            pos[axis] = [p]
+            return pos
+        return (rotate(r, q, **at(pq)) * rotate(r, k, **at(pk))).sum()
+
+    base = score(1.25, 3.0)
+    for shift in (0.5, 2.0, 7.75, 30.0):
+        torch.testing.assert_close(score(1.25 + shift, 3.0 + shift), base)
+    assert not torch.allclose(score(1.25, 4.0), base)  # a different offset gives a different score
+
+
+def test_cooccurring_video_and_audio_tokens_share_time_phase():
+    r = rope()
+    tv, hv, wv = r.video_positions(grid_t=8, grid_h=2, grid_w=3)
+    ta, fa = r.audio_positions(grid_t=8, grid_f=4)
+    # patch centres in seconds: video frame j and audio token j both cover [0.25 j, 0.25 (j+1))
+    assert torch.allclose(tv.unique(), ta.unique()) and torch.allclose(ta.unique(), (torch.arange(8, dtype=torch.float64) + 0.5) * 0.25)
+    ang_v = r.angles(tv, height=hv, width=wv)
+    ang_a = r.angles(ta, freq=fa)
+    nt = r.planes.time
+    for j in range(8):
+        v_rows = ang_v[tv == tv.unique()[j], :nt]
+        a_rows = ang_a[ta == ta.unique()[j], :nt]
+        assert torch.equal(v_rows[:1].expand_as(v_rows), v_rows) and torch.equal(v_rows[:1], a_rows[:1])
+
+
+def test_time_is_in_seconds_not_token_index():
+    # Same seconds, different latent rates and patch sizes -> same time phase.
+    a = JointRope(HEAD_DIM, 1 / 8, 4 / 100)   # 8 fps video, 100 fps mel with patch 4
+    b = JointRope(HEAD_DIM, 2 / 16, 2 / 50, time_scale=a.time_freqs[0].item())
+    ta, _, _ = a.video_positions(4, 1, 1)
+    tb, _, _ = b.video_positions(4, 1, 1)
+    torch.testing.assert_close(ta, tb)
+    torch.testing.assert_close(a.angles(ta)[:, : a.planes.time], b.angles(tb)[:, : b.planes.time])
