@@ -1,0 +1,141 @@
+"""Checkpoints and exported model folders — every write goes to a temp name and is renamed into place.
+
+- A *checkpoint* is an Accelerate ``save_state`` folder (model, optimizer, scheduler, EMA, RNG) plus
+  ``trainer_state.json`` (step, loss history), named ``checkpoints/step_000100``.
+- An *exported model folder* is ``save_pretrained`` output (``config.json`` +
+  ``diffusion_pytorch_model.safetensors``) plus ``jointdit.json`` (codec and data settings the sampler
+  needs). Nothing here unpickles arbitrary objects: weights are safetensors, metadata is JSON.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_PREFIX = "step_"
+STATE_FILE = "trainer_state.json"
+EXPORT_META = "jointdit.json"
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return root / f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under ``root``, oldest first (temp folders are never listed)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temp folder into place, replacing an older one of the same name."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def prune(root: Path, keep: int) -> None:
+    """Keep the newest ``keep`` checkpoints (``keep <= 0`` keeps all)."""
+    if keep > 0:
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resolve_resume(resume: str | None, checkpoints_root: Path) -> Path | None:
+    """``None`` → no resume; ``auto`` → the newest checkpoint in this run (or None); else a path."""
+    if not resume:
+        return None
+    if resume == "auto":
+        found = list_checkpoints(checkpoints_root)
+        return found[-1] if found else None
+    path = Path(resume).expanduser()
+    if not (path / STATE_FILE).exists():
+        raise FileNotFoundError(f"checkpoint.resume={resume}: no {STATE_FILE} there; point it at a "
+                                f"checkpoints/{CHECKPOINT_PREFIX}NNNNNN folder of an earlier run, or use 'auto'")
+    return path
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / STATE_FILE).read_text())
+
+
+def export_model(model, folder: Path, meta: dict[str, Any]) -> Path:
+    """``save_pretrained`` into a temp folder beside ``folder`` plus ``jointdit.json``, then rename."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2, default=str))
+    replace_dir(tmp, folder)
+    return folder
+
+
+def load_export_meta(folder: Path) -> dict[str, Any]:
+    meta = Path(folder) / EXPORT_META
+    return json.loads(meta.read_text()) if meta.exists() else {}
+
+
+def load_model(path: str | os.PathLike):
+    """A JointDiT from an exported model folder, or from a training checkpoint folder
+    (``model.safetensors`` there, its config from the run's export or the checkpoint's state file)."""
+    from safetensors.torch import load_file
+
+    from jointdit.models import JointDiT
+
+    path = Path(path).expanduser()
+    if (path / "config.json").exists():
+        return JointDiT.from_pretrained(path)
+    weights = path / "model.safetensors"
+    if weights.exists() and (path / STATE_FILE).exists():
+        model = JointDiT.from_config(read_state(path)["model_config"])
+        model.load_state_dict(load_file(str(weights)))
+        return model
+    raise FileNotFoundError(
+        f"{path} is neither an exported model folder (config.json + diffusion_pytorch_model.safetensors) "
+        f"nor a training checkpoint (model.safetensors + {STATE_FILE})")
+
+
+def load_into(model: torch.nn.Module, source: str | os.PathLike) -> None:
+    """Copy weights from a model folder or checkpoint into ``model``; refuse any shape mismatch."""
+    source_model = load_model(source)
+    ours, theirs = model.state_dict(), source_model.state_dict()
+    missing = sorted(set(ours) - set(theirs))
+    unexpected = sorted(set(theirs) - set(ours))
+    mismatched = [f"{k}: checkpoint {tuple(theirs[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in ours.items() if k in theirs and theirs[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        lines = [f"the checkpoint {source} does not fit this model:"]
+        lines += [f"  shape {m}" for m in mismatched[:10]]
+        lines += [f"  missing in checkpoint: {', '.join(missing[:10])}"] if missing else []
+        lines += [f"  not in model: {', '.join(unexpected[:10])}"] if unexpected else []
+        lines.append("use the same model preset, codec and data shapes as the Stage A run")
+        raise ValueError("\n".join(lines))
+    model.load_state_dict(theirs)
+
+
+def select_parameters(model: torch.nn.Module, groups: dict[str, list[str]]) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """Assign each parameter to the first group whose glob patterns match its name."""
+    selected: dict[str, list[tuple[str, torch.nn.Parameter]]] = {name: [] for name in groups}
+    for param_name, param in model.named_parameters():
+        for group, patterns in groups.items():
+            if any(fnmatch.fnmatchcase(param_name, pattern) for pattern in patterns):
+                selected[group].append((param_name, param))
+                break
+    empty = [group for group, params in selected.items() if not params]
+    if empty:
+        raise ValueError(f"parameter group(s) {empty} match no parameter; check the glob patterns in stage.trainable "
+                         f"(names look like {next(iter(dict(model.named_parameters())))!r})")
+    return selected

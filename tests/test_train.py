@@ -1,0 +1,136 @@
+"""Training end to end: MLflow records, sweeps, Stage B freezing, exact resume, 2-process DDP."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from helpers import PYTHON, REPO, run_module
+
+# A small, fast set-up: 8 clips of 1 s at 32 px, a 2-block model.
+SMALL = ["data.num_clips=8", "data.size=32", "data.seconds=1.0", "data.val_fraction=0.25",
+         "model.hidden_size=64", "model.depth=2", "model.num_heads=2", "vram.micro_batch_size=2", "batch_size=2",
+         "optim.warmup_steps=2", "log_every=5"]
+
+
+def _train(tmp_path: Path, *overrides: str, run_dir: Path | None = None, env: dict | None = None):
+    run_dir = run_dir or tmp_path / "run"
+    result = run_module("jointdit.train", *SMALL, f"hydra.run.dir={run_dir}", *overrides,
+                        env={"JOINTDIT_ROOT": str(tmp_path), **(env or {})})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def _runs(tmp_path: Path, experiment: str = "train"):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_a_run_logs_metrics_params_and_artifacts_to_mlflow(tmp_path):
+    run_dir = _train(tmp_path, "max_steps=20", "checkpoint.every=10")
+    client, runs = _runs(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    for key in ("loss", "loss_video", "loss_audio", "loss_joint", "lr", "grad_norm", "samples_per_s",
+                "peak_memory_mb", "val_loss"):
+        assert key in run.data.metrics, key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5, 10, 15, 20]
+    assert run.data.params["optim.lr"] == "0.0003" and run.data.params["model.preset"] == "tiny"
+    assert run.data.params["stage.name"] == "a" and int(run.data.params["trainable.all"]) > 0
+    assert run.data.params["data.root"] == str(tmp_path / "data" / "synthetic")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config_resolved.yaml", "loss_curve.png", "hydra"} <= artifacts
+    assert "config.yaml" in {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "hydra")}
+    # Checkpoints every 10 steps, and an exported model folder to sample from.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000010", "step_000020"]
+    assert (run_dir / "export" / "last" / "diffusion_pytorch_model.safetensors").exists()
+    assert json.loads((run_dir / "export" / "last" / "jointdit.json").read_text())["codec"]["name"] == "pixel_mel"
+
+
+def test_multirun_gives_one_parent_and_a_child_per_job(tmp_path):
+    result = run_module("jointdit.train", "-m", *SMALL, "max_steps=2", "checkpoint.every=100", "optim.lr=1e-3,3e-4",
+                        env={"JOINTDIT_ROOT": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, runs = _runs(tmp_path)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert sorted(c.info.run_name for c in children) == ["optim.lr=0.0003", "optim.lr=0.001"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert sorted(c.data.params["optim.lr"] for c in children) == ["0.0003", "0.001"]
+    assert len(list((tmp_path / "multirun").glob("*/*/[01]/.hydra"))) == 2
+
+
+def test_stage_b_trains_only_the_selected_parameters(tmp_path):
+    stage_a = _train(tmp_path, "max_steps=3", "ema.enabled=false", "logger=none", run_dir=tmp_path / "a")
+    stage_b = _train(tmp_path, "stage=b", f"stage.init_from={stage_a / 'export' / 'last'}", "max_steps=3",
+                     "ema.enabled=false", "logger=none", run_dir=tmp_path / "b")
+    before = load_file(stage_a / "export" / "last" / "diffusion_pytorch_model.safetensors")
+    after = load_file(stage_b / "export" / "last" / "diffusion_pytorch_model.safetensors")
+    selected = ("blocks.0.video.", "blocks.1.video.", "blocks.0.audio.", "blocks.1.audio.", "video_in.", "audio_in.",
+                "video_out.", "audio_out.")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed and all(name.startswith(selected) for name in changed)
+    frozen = [name for name in before if not name.startswith(selected)]
+    assert frozen and all(torch.equal(before[n], after[n]) for n in frozen)
+    assert any(n.startswith("blocks.0.video.") for n in changed) and any(n.startswith("video_in.") for n in changed)
+
+
+def test_stage_b_refuses_a_missing_or_mismatched_checkpoint(tmp_path):
+    result = run_module("jointdit.train", *SMALL, "stage=b", f"stage.init_from={tmp_path / 'nope'}", "max_steps=1",
+                        "logger=none", f"hydra.run.dir={tmp_path / 'x'}", env={"JOINTDIT_ROOT": str(tmp_path)})
+    assert result.returncode != 0 and "neither an exported model folder" in result.stderr
+    stage_a = _train(tmp_path, "max_steps=1", "logger=none", run_dir=tmp_path / "a")
+    result = run_module("jointdit.train", *SMALL, "model.hidden_size=32", "stage=b",
+                        f"stage.init_from={stage_a / 'export' / 'last'}", "max_steps=1", "logger=none",
+                        f"hydra.run.dir={tmp_path / 'y'}", env={"JOINTDIT_ROOT": str(tmp_path)})
+    assert result.returncode != 0 and "does not fit this model" in result.stderr
+
+
+def _losses(run_dir: Path) -> list[float]:
+    return [h["loss"] for h in json.loads((run_dir / "metrics.json").read_text())["history"]]
+
+
+def test_resume_after_a_kill_replays_the_uninterrupted_loss_sequence(tmp_path):
+    common = ["max_steps=10", "checkpoint.every=2", "checkpoint.keep=2", "logger=none"]
+    straight = _train(tmp_path, *common, run_dir=tmp_path / "straight")
+    # Kill a second run once its step-4 checkpoint is on disk.
+    run_dir = tmp_path / "killed"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOINTDIT_")} | {"JOINTDIT_ROOT": str(tmp_path)}
+    proc = subprocess.Popen([PYTHON, "-m", "jointdit.train", *SMALL, *common, f"hydra.run.dir={run_dir}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (run_dir / "checkpoints" / "step_000004" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "export" / "last").exists() and not (run_dir / "metrics.json").exists()  # died mid-run
+    _train(tmp_path, *common, "checkpoint.resume=auto", run_dir=run_dir)
+    assert len(_losses(run_dir)) == 10
+    assert _losses(run_dir) == pytest.approx(_losses(straight), rel=1e-6, abs=1e-7)
+
+
+def test_two_process_ddp_ends_with_identical_weights_on_both_ranks(tmp_path):
+    run_dir = tmp_path / "ddp"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOINTDIT_")}
+    env |= {"JOINTDIT_ROOT": str(tmp_path), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [PYTHON, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "jointdit.train", *SMALL, "batch_size=4",
+         "max_steps=4", "checkpoint.every=100", "logger=none", f"hydra.run.dir={run_dir}"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and len(metrics["rank_checksums"]) == 2
+    assert metrics["rank_checksums"][0] == metrics["rank_checksums"][1]
+    assert metrics["final"]["ranks_in_sync"] == 1.0 and metrics["final"]["step"] == 4.0
