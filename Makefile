@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
+DEMO_DIR := outputs/demo
+
 demo: $(STAMP)
-	$(PY) -m jointdit.demo
+	$(PY) -m jointdit.train experiment=demo hydra.run.dir=$(DEMO_DIR)
+	$(PY) -m jointdit.sample checkpoint=$(DEMO_DIR)/export/last task=joint steps=20 out_dir=$(DEMO_DIR)/samples
+	@echo "demo done: samples in $(DEMO_DIR)/samples, loss curve $(DEMO_DIR)/loss_curve.png;"
+	@echo "browse runs with: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 test: $(STAMP)
 	$(PY) -m pytest -q
