@@ -67,7 +67,7 @@ def _has_image(cond: Condition | None) -> bool:
 
 def _rows(cond: Condition | None, batch: int) -> Condition | None:
     """``cond`` with explicit per-sample drop flags (so ``Condition.cat`` keeps each branch's own)."""
-    if cond is None:
+    if cond is None or all(v is None for v in (cond.text_tokens, cond.text_pooled, cond.image)):
         return None
     out = Condition(**{k: getattr(cond, k) for k in ("text_tokens", "text_pooled", "image", "drop_text", "drop_image")})
     dev = next(v for v in (out.text_tokens, out.text_pooled, out.image) if v is not None).device

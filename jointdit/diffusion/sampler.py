@@ -337,6 +337,18 @@ class SampleResult:
     files: dict[str, Path] = field(default_factory=dict)   # mp4, video_mp4, wav, png
 
 
+def clamp_to_codec_range(z_audio: Tensor, audio_codec) -> Tensor:
+    """Clamp a generated log-mel latent to the mel codec's range [-1, 1] before Griffin-Lim.
+
+    The mel codec maps ln(mel) affinely onto [-1, 1] (-1 = digital silence, +1 ≈ a full-scale tone).
+    A sampled latent outside that range is louder than full scale or quieter than silence; left as is,
+    librosa's NNLS mel inversion can take minutes on it. Other codecs' latents pass through unchanged.
+    """
+    from jointdit.codecs.mel import MelAudioCodec
+
+    return z_audio.clamp(-1.0, 1.0) if isinstance(audio_codec, MelAudioCodec) else z_audio
+
+
 def _device(name: str | None) -> torch.device:
     if not name or name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -411,6 +423,8 @@ def sample_to_files(cfg) -> list[SampleResult]:
                 cond=cond, neg_cond=neg_cond, first_frame=first, video_latent=video_latent, audio_latent=audio_latent,
                 shift_video=float(sched.get("shift_video", 1.0)), shift_audio=float(sched.get("shift_audio", 1.0)),
                 progress=bool(cfg.get("progress", True)))
+            if task != "a2v":
+                z_a = clamp_to_codec_range(z_a, audio_codec)
             with torch.inference_mode():
                 frames = video_codec.decode(z_v)[0].float().cpu().clamp(-1, 1)                 # [T, 3, H, W]
                 wave = _fit_wave(audio_codec.decode(z_a)[0].float().cpu(), shapes.num_samples).clamp(-1, 1)
