@@ -11,8 +11,9 @@ For a query token of modality m the attention is ordinary softmax attention over
     iso     video ∪ context            audio ∪ context
 
 An excluded modality is not in the key set at all (no additive −∞/−1e4 mask), so an isolated modality
-computes bit-for-bit what it would compute with the other modality absent, and no gradient reaches the
-other modality through that path. Context tokens are keys/values only.
+computes bit-for-bit what it would compute with the other modality absent (for a single-mode batch;
+grouping a mixed-mode batch may change float rounding only), and no gradient flows between them.
+Context tokens are keys/values only.
 
 Memory knobs (they never change which keys a query may see):
 - ``q_chunk_v`` / ``q_chunk_a``: queries are processed in chunks against the full key set — rows of a

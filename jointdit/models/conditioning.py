@@ -49,16 +49,13 @@ class Condition:
                 return v.shape[0]
         return None
 
-    def to(self, *args, **kwargs) -> Condition:
-        """Move tensors like ``Tensor.to``; bool flags keep their dtype."""
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Condition:
+        """Move every tensor to ``device``; cast the features (not the bool flags) to ``dtype``."""
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if v is not None and f.name.startswith("drop_"):
-                device = kwargs.get("device", next((a for a in args if not isinstance(a, torch.dtype)), None))
-                v = v.to(device=device) if device is not None else v
-            elif v is not None:
-                v = v.to(*args, **kwargs)
+            if v is not None:
+                v = v.to(device=device) if f.name.startswith("drop_") else v.to(device=device, dtype=dtype)
             out[f.name] = v
         return Condition(**out)
 

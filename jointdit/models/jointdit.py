@@ -20,7 +20,14 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from jointdit.models.attention import AttentionKnobs, ModeArg, audio_sees_video, joint_attention, normalize_mode, video_sees_audio
+from jointdit.models.attention import (
+    AttentionKnobs,
+    ModeArg,
+    audio_sees_video,
+    joint_attention,
+    normalize_mode,
+    video_sees_audio,
+)
 from jointdit.models.conditioning import Condition, ConditionEmbedder
 from jointdit.models.embed import (
     FinalLayer,
@@ -58,13 +65,18 @@ def gated_residual(x: Tensor, gate: Tensor, y: Tensor) -> Tensor:
     return torch.addcmul(x.view(b, g, n // g, d), gate, y.view(b, g, n // g, d)).view(b, n, d)
 
 
+def qk_layer_norm(head_dim: int) -> nn.LayerNorm:
+    """Per-head LayerNorm with a learned scale and no bias, for queries and keys."""
+    return nn.LayerNorm(head_dim, eps=1e-6, bias=False)
+
+
 class Mlp(nn.Module):
-    """``fc2(GELU_tanh(fc1(x)))``."""
+    """``fc2(GELU(fc1(x)))``."""
 
     def __init__(self, hidden_size: int, mlp_hidden: int) -> None:
         super().__init__()
         self.fc1 = nn.Linear(hidden_size, mlp_hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU()  # exact erf GELU: on CPU 2.4x faster (fwd+bwd) than the tanh approximation
         self.fc2 = nn.Linear(mlp_hidden, hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -89,9 +101,10 @@ class ModalityExpert(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.qkv = nn.Linear(hidden_size, 3 * hidden_size)
-        # QK-norm keeps attention logits bounded when one modality's activations grow faster.
-        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        # QK-norm keeps attention logits bounded when one modality's activations grow faster. LayerNorm
+        # (ViT-22B's choice) rather than RMSNorm: torch's CPU RMSNorm backward is unfused and ~1.6x slower.
+        self.q_norm = qk_layer_norm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = qk_layer_norm(head_dim) if qk_norm else nn.Identity()
         self.proj = nn.Linear(hidden_size, hidden_size)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
@@ -100,13 +113,13 @@ class ModalityExpert(nn.Module):
         """``c [B, G, D]`` → six ``[B, G, 1, D]`` tensors (shift1, scale1, gate1, shift2, scale2, gate2)."""
         return self.adaLN_modulation(c).unsqueeze(2).chunk(6, dim=-1)
 
-    def qkv_heads(self, x: Tensor, shift: Tensor, scale: Tensor, rope: tuple[Tensor, Tensor]) -> tuple[Tensor, ...]:
+    def qkv_heads(self, x: Tensor, shift: Tensor, scale: Tensor, rope: Tensor) -> tuple[Tensor, ...]:
         """Modulated pre-norm → q, k, v ``[B, H, N, Dh]`` with QK-norm and RoPE applied to q and k."""
         b, n, d = x.shape
         h = modulate(self.norm1(x), shift, scale)                      # [B, N, D]
         q, k, v = self.qkv(h).view(b, n, 3, self.num_heads, -1).unbind(2)  # 3 × [B, N, H, Dh]
-        q = apply_rope(self.q_norm(q), *rope)                          # [B, N, H, Dh]
-        k = apply_rope(self.k_norm(k), *rope)                          # [B, N, H, Dh]
+        q = apply_rope(self.q_norm(q), rope)                           # [B, N, H, Dh]
+        k = apply_rope(self.k_norm(k), rope)                           # [B, N, H, Dh]
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # 3 × [B, H, N, Dh]
 
     def attn_out(self, o: Tensor) -> Tensor:
@@ -125,7 +138,7 @@ class ContextKV(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.kv = nn.Linear(hidden_size, 2 * hidden_size)
-        self.k_norm = nn.RMSNorm(hidden_size // num_heads, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = qk_layer_norm(hidden_size // num_heads) if qk_norm else nn.Identity()
 
     def forward(self, ctx: Tensor) -> tuple[Tensor, Tensor]:
         b, n, _ = ctx.shape
@@ -146,7 +159,7 @@ class JointBlock(nn.Module):
         self,
         x_v: Tensor, x_a: Tensor, ctx: Tensor,
         c_v: Tensor, c_a: Tensor,
-        rope_v: tuple[Tensor, Tensor], rope_a: tuple[Tensor, Tensor],
+        rope_v: Tensor, rope_a: Tensor,
         mode: str | list[str], video_time_steps: int, audio_time_steps: int, knobs: AttentionKnobs,
     ) -> tuple[Tensor, Tensor]:
         # 1. adaLN-Zero parameters, each modality from its OWN timestep (+ pooled condition)
@@ -235,7 +248,7 @@ class JointDiT(ModelMixin, ConfigMixin):
 
         self.rope = JointRope(hidden_size // num_heads, pt / video_latent_fps, pa / audio_latent_fps,
                               theta=rope_theta, time_scale=rope_time_scale)
-        self._rope_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+        self._rope_cache: dict[tuple, Tensor] = {}
         self.knobs = AttentionKnobs()
         self.gradient_checkpointing = False
         self._init_linears()
@@ -288,7 +301,7 @@ class JointDiT(ModelMixin, ConfigMixin):
         check_divisible("z_audio", {"time La": la, "freq Fa": fa}, {"patch_t": pa, "patch_f": pf}, "audio_patch_size")
         return (tv // pt, hv // ph, wv // pw), (la // pa, fa // pf)
 
-    def _rope(self, kind: str, grid: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _rope(self, kind: str, grid: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
         key = (kind, grid, device, dtype)
         if key not in self._rope_cache:
             fn = self.rope.video if kind == "video" else self.rope.audio
@@ -338,8 +351,8 @@ class JointDiT(ModelMixin, ConfigMixin):
         t_v = self._video_time(torch.as_tensor(t_video, device=device), b, z_video.shape[1])  # [B, Gv]
         c_v = self.time_embed(t_v) + pooled[:, None]                                      # [B, Gv, D]
         c_a = self.time_embed(t_a[:, None]) + pooled[:, None]                             # [B, 1, D]
-        rope_v = self._rope("video", grid_v, device, dtype)                               # 2 × [Nv, 1, Dh]
-        rope_a = self._rope("audio", grid_a, device, dtype)                               # 2 × [Na, 1, Dh]
+        rope_v = self._rope("video", grid_v, device, dtype)                               # [Nv, 1, Dh/2] complex
+        rope_a = self._rope("audio", grid_a, device, dtype)                               # [Na, 1, Dh/2] complex
 
         for block in self.blocks:
             args = (x_v, x_a, ctx, c_v, c_a, rope_v, rope_a, mode, grid_v[0], grid_a[0], self.knobs)

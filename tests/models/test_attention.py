@@ -13,6 +13,16 @@ TA, SA = 10, 2   # audio: 10 time steps x 2 tokens per step
 NC = 3
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: a second OpenMP thread buys nothing, and on a busy 2-core machine its
+    spin-waits make each op many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def qkv(b=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     r = lambda n: torch.randn(b, H, n, DH, generator=g)  # noqa: E731

@@ -15,6 +15,16 @@ TINY_CLIP = {
 }
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: a second OpenMP thread buys nothing, and on a busy 2-core machine its
+    spin-waits make each op many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def clip_name(tmp_path_factory) -> str:
     import open_clip
@@ -83,3 +93,10 @@ def test_condition_drives_jointdit_and_projections_train_and_save(clip, tmp_path
     saved = load_file(tmp_path / "m" / "diffusion_pytorch_model.safetensors")
     assert "cond_embed.text_tokens.0.weight" in saved and "cond_embed.null_text_pooled" in saved
     assert not any(k.startswith("model.") or "visual" in k for k in saved)  # CLIP itself is not in the model
+
+
+def test_condition_to_keeps_flags_boolean():
+    c = Condition(text_pooled=torch.randn(2, 3), drop_text=torch.tensor([True, False]))
+    d = c.to("cpu", torch.float64)
+    assert d.text_pooled.dtype == torch.float64 and d.drop_text.dtype == torch.bool and d.image is None
+    assert Condition(image=torch.zeros(3, 1)).with_drop(image=True).drop_image.tolist() == [True] * 3

@@ -11,8 +11,8 @@ from jointdit.models import Condition, build_model
 
 @pytest.fixture
 def one_thread():
-    # Tiny tensors gain nothing from a second OpenMP thread, and on a busy 2-core machine OpenMP's
-    # spin-waiting makes a 2-thread run several times slower than a 1-thread one.
+    """Tiny tensors gain nothing from a second OpenMP thread, and on a busy 2-core machine its
+    spin-waits make a 2-thread run several times slower than a 1-thread one."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

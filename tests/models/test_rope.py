@@ -4,7 +4,7 @@ import jointdit  # noqa: F401
 import pytest
 import torch
 
-from jointdit.models.rope import JointRope, apply_rope, cos_sin, split_planes
+from jointdit.models.rope import JointRope, apply_rope, rotation_table, split_planes
 
 HEAD_DIM = 32
 
@@ -17,8 +17,8 @@ def rope(video_fps=4.0, audio_fps=16.0, pt_v=1, pt_a=4) -> JointRope:
 def rotate(r: JointRope, x: torch.Tensor, seconds, height=None, width=None, freq=None) -> torch.Tensor:
     """Rotate ``x [N, Dh]`` at the given per-token positions."""
     t = lambda v: None if v is None else torch.as_tensor(v, dtype=torch.float64)  # noqa: E731
-    cos, sin = cos_sin(r.angles(t(seconds), t(height), t(width), t(freq)), dtype=torch.float64)
-    return apply_rope(x[None, :, None, :], cos, sin)[0, :, 0]  # as [B=1, N, H=1, Dh]
+    table = rotation_table(r.angles(t(seconds), t(height), t(width), t(freq)), dtype=torch.float64)
+    return apply_rope(x[None, :, None, :], table)[0, :, 0]  # as [B=1, N, H=1, Dh]
 
 
 def test_plane_split_covers_the_head():
