@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from jointdit.codecs.base import find_model_folder, resolve_device, resolve_dtype
-from jointdit.codecs.mel import MelParams, log_mel
+from jointdit.codecs.mel import MelParams, MelTiming, log_mel
 
 AUDIOLDM2_VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
 AUDIOLDM2_VAE_CLASS = "AutoencoderKL"
@@ -70,7 +70,7 @@ def load_vocoder(path: str | Path, device="cpu", dtype=torch.float32):
     return voc.to(device=device).eval().requires_grad_(False)
 
 
-class AudioLDM2AudioCodec:
+class AudioLDM2AudioCodec(MelTiming):
     name = "audioldm2"
 
     def __init__(
@@ -126,18 +126,8 @@ class AudioLDM2AudioCodec:
 
     # shapes ----------------------------------------------------------------------------------------
     @property
-    def sample_rate(self) -> int:
-        return self.params.sample_rate
-
-    @property
-    def hop_length(self) -> int:
-        return self.params.hop_length
-
-    @property
-    def latent_fps(self) -> float:
-        return self.params.frames_per_second / self.downsample
-
-    frames_per_second = latent_fps
+    def time_downsample(self) -> int:
+        return self.downsample
 
     def mel_frames(self, num_samples: int) -> int:
         """Mel frames after padding to a multiple of the VAE downsampling."""

@@ -171,7 +171,31 @@ def log_spectral_distance(ref, est, sr: int = 16000, n_fft: int = 1024, hop_leng
     return float(torch.sqrt((d**2).mean(dim=1)).mean())
 
 
-class MelAudioCodec:
+class MelTiming:
+    """Sample rate, hop and latent rate of a codec built on :class:`MelParams` (``self.params``);
+    ``time_downsample`` is how many mel frames make one latent step."""
+
+    params: MelParams
+    time_downsample: int = 1
+
+    @property
+    def sample_rate(self) -> int:
+        return self.params.sample_rate
+
+    @property
+    def hop_length(self) -> int:
+        return self.params.hop_length
+
+    @property
+    def latent_fps(self) -> float:
+        return self.params.frames_per_second / self.time_downsample
+
+    @property
+    def frames_per_second(self) -> float:  # the name docs/contracts.md uses
+        return self.latent_fps
+
+
+class MelAudioCodec(MelTiming):
     """Log-mel audio "latent" ``[B, 1, La, n_mels]`` (time-first), ``La = ceil(N/hop)``, 100 frames/s.
 
     ``decode`` runs Griffin-Lim and returns ``La·hop`` samples (the encoded wave zero-padded to a
@@ -213,20 +237,6 @@ class MelAudioCodec:
         self.decode_batch = int(decode_batch or 0)
         self.seed = int(seed)
         self.scaling_factor = 1.0
-
-    @property
-    def sample_rate(self) -> int:
-        return self.params.sample_rate
-
-    @property
-    def hop_length(self) -> int:
-        return self.params.hop_length
-
-    @property
-    def latent_fps(self) -> float:
-        return self.params.frames_per_second
-
-    frames_per_second = latent_fps
 
     def latent_shape(self, num_samples: int) -> tuple[int, int, int]:
         return (1, self.params.num_frames(num_samples), self.params.n_mels)

@@ -7,20 +7,12 @@ import torch.nn.functional as F
 
 from jointdit.models.attention import AttentionKnobs, joint_attention, normalize_mode, pool_time, sdpa_chunked
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 H, DH = 2, 8
 TV, SV = 6, 4    # video: 6 time steps x 4 tokens per step
 TA, SA = 10, 2   # audio: 10 time steps x 2 tokens per step
 NC = 3
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second OpenMP thread buys nothing, and on a busy 2-core machine its
-    spin-waits make each op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def qkv(b=3, seed=0):

@@ -8,21 +8,13 @@ import torch
 
 from jointdit.models import ClipConditioner, Condition, JointDiT, model_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TINY_CLIP = {
     "embed_dim": 24,
     "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
     "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second OpenMP thread buys nothing, and on a busy 2-core machine its
-    spin-waits make each op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

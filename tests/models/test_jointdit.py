@@ -8,17 +8,9 @@ import torch
 
 from jointdit.models import Condition, JointDiT, build_model, count_flops, model_config
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 B = 4
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second OpenMP thread buys nothing, and on a busy 2-core machine its
-    spin-waits make each op many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_model(**overrides) -> JointDiT:
