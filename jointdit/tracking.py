@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -105,7 +106,6 @@ class Tracker:
         if not self.active:
             return
         from mlflow.entities import Metric
-        import time
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
 
 from jointdit import checkpoints as ckpt
 from jointdit.diffusion.flow import TASKS, flow_loss, make_flow_batch, sample_tasks
@@ -287,17 +288,17 @@ def train(cfg: DictConfig) -> dict[str, float]:
         accumulation = accelerator.gradient_accumulation_steps
         micro_steps_per_epoch = len(sampler)
         task_probs = OmegaConf.to_container(cfg.objective.tasks)
-        interval = {"samples": 0, "start": time.perf_counter(), "sums": {}}
+        step_losses: dict[str, list[float]] = {}  # this optimizer step's micro-batch losses
+        micro = 0  # micro-batches into this optimizer step (an accumulation window may span epochs)
+        since_log = {"samples": 0, "start": time.perf_counter()}  # for samples/s between log lines
         model.train()
-        from tqdm import tqdm
-
         progress = tqdm(total=int(cfg.max_steps), initial=step, desc="train", disable=not accelerator.is_main_process)
         while step < int(cfg.max_steps):
             consumed = step * accumulation
             sampler.start(consumed // micro_steps_per_epoch, consumed % micro_steps_per_epoch)
-            for micro_index, batch in enumerate(loader):
+            for batch in loader:
                 with accelerator.accumulate(model):
-                    generator = step_generator(int(cfg.seed), step * accumulation + micro_index % accumulation, rank, device)
+                    generator = step_generator(int(cfg.seed), step * accumulation + micro, rank, device)
                     video, audio = batch["video"].to(device), batch["audio"].to(device)
                     tasks = sample_tasks(task_probs, video.shape[0], generator).to(device)
                     flow = make_flow_batch(video, audio, tasks, cfg.objective.logit_normal_mean,
@@ -316,33 +317,31 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     optimizer.zero_grad(set_to_none=True)
 
                 for key, value in losses.items():
-                    value = value.detach()
                     if torch.isfinite(value):
-                        interval["sums"].setdefault(key, [0.0, 0])
-                        interval["sums"][key][0] += float(value)
-                        interval["sums"][key][1] += 1
-                interval["samples"] += video.shape[0] * world
+                        step_losses.setdefault(key, []).append(float(value.detach()))
+                since_log["samples"] += video.shape[0] * world
+                micro += 1
                 if not accelerator.sync_gradients:
                     continue
+                micro = 0
 
                 # One optimizer step done.
                 if ema is not None:
                     ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
                 step += 1
                 progress.update(1)
-                metrics = {key: total / n for key, (total, n) in interval["sums"].items()}
+                metrics = {key: sum(values) / len(values) for key, values in step_losses.items()}
+                step_losses = {}
                 history.append({"step": step, **{k: metrics.get(k, float("nan")) for k in ("loss", "loss_video", "loss_audio")}})
                 if step % int(cfg.log_every) == 0 or step == int(cfg.max_steps):
-                    elapsed = time.perf_counter() - interval["start"]
-                    metrics.update(lr=scheduler.get_last_lr()[0], samples_per_s=interval["samples"] / max(elapsed, 1e-9),
+                    elapsed = time.perf_counter() - since_log["start"]
+                    metrics.update(lr=scheduler.get_last_lr()[0], samples_per_s=since_log["samples"] / max(elapsed, 1e-9),
                                    peak_memory_mb=peak_memory_mb(device))
                     if grad_norm is not None:
                         metrics["grad_norm"] = float(grad_norm)
                     tracker.log_metrics(metrics, step)
                     progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-                    interval = {"samples": 0, "start": time.perf_counter(), "sums": {}}
-                else:
-                    interval["sums"] = {}
+                    since_log = {"samples": 0, "start": time.perf_counter()}
 
                 if step % int(cfg.checkpoint.every) == 0 or step == int(cfg.max_steps):
                     val = validation_loss(accelerator.unwrap_model(model), val_set, cfg, device)

@@ -100,8 +100,11 @@ def _losses(run_dir: Path) -> list[float]:
     return [h["loss"] for h in json.loads((run_dir / "metrics.json").read_text())["history"]]
 
 
-def test_resume_after_a_kill_replays_the_uninterrupted_loss_sequence(tmp_path):
-    common = ["max_steps=10", "checkpoint.every=2", "checkpoint.keep=2", "logger=none"]
+# batch_size=4 over micro-batches of 2 accumulates 2 micro-batches per step while an epoch has 3, so
+# accumulation windows span epoch boundaries — and the resume point falls mid-epoch.
+@pytest.mark.parametrize("batch_size", [2, 4], ids=["no-accumulation", "accumulation-across-epochs"])
+def test_resume_after_a_kill_replays_the_uninterrupted_loss_sequence(tmp_path, batch_size):
+    common = ["max_steps=10", "checkpoint.every=2", "checkpoint.keep=2", "logger=none", f"batch_size={batch_size}"]
     straight = _train(tmp_path, *common, run_dir=tmp_path / "straight")
     # Kill a second run once its step-4 checkpoint is on disk.
     run_dir = tmp_path / "killed"
