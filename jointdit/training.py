@@ -100,10 +100,20 @@ def reset_accelerate() -> None:
 
 
 def latent_info(dataset) -> dict[str, Any]:
-    """Shapes (after the max_t crop) and latent rates of what the model trains on."""
+    """Shapes (after the max_t crop), latent rates and stored CLIP widths of what the model trains on."""
     item = dataset[0]
-    return {"video_shape": list(item["video"].shape), "audio_shape": list(item["audio"].shape),
+    info = {"video_shape": list(item["video"].shape), "audio_shape": list(item["audio"].shape),
             "video_latent_fps": float(item["video_latent_fps"]), "audio_latent_fps": float(item["audio_latent_fps"])}
+    clip = {}
+    if "clip_text_tokens" in item:
+        clip["text_len"], clip["text_token_dim"] = (int(n) for n in item["clip_text_tokens"].shape)
+    if "clip_text_pooled" in item:
+        clip["text_pooled_dim"] = int(item["clip_text_pooled"].shape[-1])
+    if "clip_image" in item:
+        clip["image_embed_dim"] = int(item["clip_image"].shape[-1])
+    if clip:
+        info["clip"] = clip
+    return info
 
 
 def build_model_for_data(model_cfg: DictConfig, shapes: dict[str, Any]) -> torch.nn.Module:
@@ -113,7 +123,8 @@ def build_model_for_data(model_cfg: DictConfig, shapes: dict[str, Any]) -> torch
     fields = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if not k.startswith("_")}
     preset = fields.pop("preset")
     fields.update(video_in_channels=shapes["video_shape"][1], audio_in_channels=shapes["audio_shape"][0],
-                  video_latent_fps=shapes["video_latent_fps"], audio_latent_fps=shapes["audio_latent_fps"])
+                  video_latent_fps=shapes["video_latent_fps"], audio_latent_fps=shapes["audio_latent_fps"],
+                  **shapes.get("clip", {}))  # the condition projections must take the cached CLIP widths
     return build_model(preset, **fields)
 
 

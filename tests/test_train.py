@@ -137,3 +137,27 @@ def test_two_process_ddp_ends_with_identical_weights_on_both_ranks(tmp_path):
     assert metrics["world_size"] == 2 and len(metrics["rank_checksums"]) == 2
     assert metrics["rank_checksums"][0] == metrics["rank_checksums"][1]
     assert metrics["final"]["ranks_in_sync"] == 1.0 and metrics["final"]["step"] == 4.0
+
+
+def test_cached_clip_embeddings_train_the_condition_projections(tmp_path):
+    """A cache with CLIP features (tiny random open_clip model) sizes the model's projections to them."""
+    config = tmp_path / "jd-tiny-clip.json"
+    config.write_text(json.dumps({
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": 1, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1},
+    }))
+    clip = (f"+cache={{clip:{{enabled:true,model:{config.stem},pretrained:null,model_config:'{config}',"
+            f"threshold:null,store_embeddings:true}}}}")
+    run_dir = _train(tmp_path, clip, "max_steps=8", "checkpoint.every=4", "ema.enabled=false", "logger=none")
+    exported = json.loads((run_dir / "export" / "last" / "config.json").read_text())
+    latent = json.loads((run_dir / "export" / "last" / "jointdit.json").read_text())["latent"]
+    assert latent["clip"] == {"text_len": 77, "text_token_dim": 64, "text_pooled_dim": 32, "image_embed_dim": 32}
+    assert all(exported[key] == value for key, value in latent["clip"].items())
+    # The projections of the cached features learn. adaLN-Zero gates keep the context out of the output
+    # (so out of the gradient) for the first steps, so compare steps 4 and 8.
+    before = load_file(run_dir / "checkpoints" / "step_000004" / "model.safetensors")
+    after = load_file(run_dir / "checkpoints" / "step_000008" / "model.safetensors")
+    for name in ("cond_embed.text_tokens", "cond_embed.text_pooled", "cond_embed.image_token"):
+        weights = [k for k in after if k.startswith(name) and k.endswith("weight")]
+        assert weights and any(not torch.equal(before[k], after[k]) for k in weights), name
