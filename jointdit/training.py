@@ -76,6 +76,25 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
 # ----------------------------------------------------------------------------------------------
 
 
+KNOBS = ("max_t", "q_chunk_v", "q_chunk_a", "kv_downsample", "gradient_checkpointing", "micro_batch_size")
+
+
+def apply_memory_plan(cfg: DictConfig) -> dict[str, Any]:
+    """Resolve the vram knobs (``vram=auto`` picks them for this device) and check the plan fits."""
+    from omegaconf import open_dict
+
+    from jointdit.memory import resolve_vram
+
+    plan = resolve_vram(cfg)
+    plan["micro_batch_size"] = min(int(plan["micro_batch_size"]), int(cfg.batch_size))  # auto: never above the batch
+    with open_dict(cfg):
+        for key in KNOBS:
+            cfg.vram[key] = plan[key]
+    log.info("memory plan: %s; estimated peak %.0f MiB of %.0f MiB", {k: plan[k] for k in KNOBS},
+             plan["estimate_bytes"] / 2**20, plan["budget_bytes"] / 2**20)
+    return plan
+
+
 def make_accelerator(cfg: DictConfig):
     from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 
@@ -99,9 +118,37 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def latent_info(dataset) -> dict[str, Any]:
+def patch_collate(model_cfg: DictConfig):
+    """``collate_latents``, then trim both streams to whole temporal patches of the model.
+
+    A ``max_t`` crop gives the audio 12.5 latent steps per video frame at the default rates, which the
+    audio patch need not divide; dropping the last partial patch keeps the two streams within one audio
+    patch of the same span.
+    """
+    from jointdit.data.dataset import collate_latents
+    from jointdit.models.jointdit import full_config, model_config
+
+    fields = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if not k.startswith("_")}
+    config = full_config(model_config(fields.pop("preset"), **fields))
+    video_t, audio_t = int(config["video_patch_size"][0]), int(config["audio_patch_size"][0])
+
+    def collate(items: list[dict]) -> dict:
+        batch = collate_latents(items)
+        frames, steps = batch["video"].shape[1], batch["audio"].shape[2]
+        if frames < video_t or steps < audio_t:
+            raise ValueError(f"clips of {frames} latent frames / {steps} audio steps are shorter than one model "
+                             f"patch ({video_t} / {audio_t}); raise vram.max_t or data.seconds")
+        batch["video"] = batch["video"][:, : frames - frames % video_t]
+        batch["audio"] = batch["audio"][:, :, : steps - steps % audio_t]
+        return batch
+
+    return collate
+
+
+def latent_info(dataset, collate) -> dict[str, Any]:
     """Shapes (after the max_t crop), latent rates and stored CLIP widths of what the model trains on."""
-    item = dataset[0]
+    item = {key: value[0] if torch.is_tensor(value) and value.ndim else value
+            for key, value in collate([dataset[0]]).items()}
     info = {"video_shape": list(item["video"].shape), "audio_shape": list(item["audio"].shape),
             "video_latent_fps": float(item["video_latent_fps"]), "audio_latent_fps": float(item["audio_latent_fps"])}
     clip = {}
@@ -199,13 +246,11 @@ def plot_losses(history: list[dict[str, float]], path: Path) -> Path:
 
 
 @torch.no_grad()
-def validation_loss(model, dataset, cfg: DictConfig, device: torch.device, max_batches: int = 4) -> float | None:
+def validation_loss(model, dataset, collate, cfg: DictConfig, device: torch.device, max_batches: int = 4) -> float | None:
     """Joint-task loss on the validation split with fixed noise (comparable across steps)."""
     if dataset is None or len(dataset) == 0:
         return None
-    from jointdit.data.dataset import collate_latents
-
-    loader = DataLoader(dataset, batch_size=int(cfg.vram.micro_batch_size), shuffle=False, collate_fn=collate_latents)
+    loader = DataLoader(dataset, batch_size=int(cfg.vram.micro_batch_size), shuffle=False, collate_fn=collate)
     was_training = model.training
     model.eval()
     losses = []
@@ -231,10 +276,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train for ``cfg.max_steps`` optimizer steps; returns the final metrics."""
     from diffusers.training_utils import EMAModel
 
-    from jointdit.data.dataset import CacheMissingError, LatentDataset, collate_latents, ensure_cache
+    from jointdit.data.dataset import CacheMissingError, LatentDataset, ensure_cache
 
     output_dir = Path(cfg.paths.output_dir)
     checkpoints_root = output_dir / "checkpoints"
+    plan = apply_memory_plan(cfg)  # before anything is built: a plan that cannot fit stops here
     accelerator = make_accelerator(cfg)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     tracker = Tracker(cfg.logger if accelerator.is_main_process else None, run_name=job_run_name(str(cfg.task_name)),
@@ -250,9 +296,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
             val_set = LatentDataset(cache_dir, "val", max_t=max_t, seed=int(cfg.seed), random_crop=False)
         except CacheMissingError:
             val_set = None  # no validation split: no val loss, no "best" export
-        shapes = latent_info(train_set)
+        collate = patch_collate(cfg.model)
+        shapes = latent_info(train_set, collate)
         sampler = EpochBatchSampler(len(train_set), int(cfg.vram.micro_batch_size), int(cfg.seed), rank, world)
-        loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_latents,
+        loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
                             num_workers=int(cfg.num_workers), generator=torch.Generator().manual_seed(int(cfg.seed)))
 
         # 2. Model (seeded initialisation), what trains, optimizer, schedule, EMA.
@@ -277,6 +324,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if tracker.active:
             tracker.log_params(flatten(cfg))
             tracker.log_params({f"trainable.{k}": v for k, v in counts.items()})
+            tracker.log_params({f"memory.chosen.{k}": cfg.vram[k] for k in KNOBS})
+            tracker.log_metrics({"memory_estimated_peak_mb": plan["estimate_bytes"] / 2**20,
+                                 "memory_budget_mb": plan["budget_bytes"] / 2**20}, 0)
             resolved = output_dir / "config_resolved.yaml"
             output_dir.mkdir(parents=True, exist_ok=True)
             resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -355,7 +405,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     since_log = {"samples": 0, "start": time.perf_counter()}
 
                 if step % int(cfg.checkpoint.every) == 0 or step == int(cfg.max_steps):
-                    val = validation_loss(accelerator.unwrap_model(model), val_set, cfg, device)
+                    val = validation_loss(accelerator.unwrap_model(model), val_set, collate, cfg, device)
                     save_checkpoint(accelerator, checkpoints_root, step, history, accelerator.unwrap_model(model), ema,
                                     int(cfg.checkpoint.keep))
                     if val is not None:

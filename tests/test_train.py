@@ -40,11 +40,12 @@ def test_a_run_logs_metrics_params_and_artifacts_to_mlflow(tmp_path):
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     run = runs[0]
     for key in ("loss", "loss_video", "loss_audio", "loss_joint", "lr", "grad_norm", "samples_per_s",
-                "peak_memory_mb", "val_loss"):
+                "peak_memory_mb", "val_loss", "memory_estimated_peak_mb", "memory_budget_mb"):
         assert key in run.data.metrics, key
     assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5, 10, 15, 20]
     assert run.data.params["optim.lr"] == "0.0003" and run.data.params["model.preset"] == "tiny"
     assert run.data.params["stage.name"] == "a" and int(run.data.params["trainable.all"]) > 0
+    assert run.data.params["memory.chosen.micro_batch_size"] == "2"
     assert run.data.params["data.root"] == str(tmp_path / "data" / "synthetic")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config_resolved.yaml", "loss_curve.png", "hydra"} <= artifacts
@@ -161,3 +162,30 @@ def test_cached_clip_embeddings_train_the_condition_projections(tmp_path):
     for name in ("cond_embed.text_tokens", "cond_embed.text_pooled", "cond_embed.image_token"):
         weights = [k for k in after if k.startswith(name) and k.endswith("weight")]
         assert weights and any(not torch.equal(before[k], after[k]) for k in weights), name
+
+
+def test_a_plan_that_cannot_fit_stops_before_anything_is_built(tmp_path):
+    result = run_module("jointdit.train", "model=base", "data.seconds=600", "vram.micro_batch_size=64", "logger=none",
+                        f"hydra.run.dir={tmp_path / 'run'}", env={"JOINTDIT_ROOT": str(tmp_path)})
+    assert result.returncode != 0
+    assert "budget" in result.stderr and "vram.micro_batch_size (now 64)" in result.stderr
+    assert not (tmp_path / "data").exists()  # failed before the data set or cache was written
+
+
+def test_max_t_crops_both_streams_to_the_same_span_in_whole_patches(tmp_path):
+    # 6 latent frames at 8 fps = 0.75 s = 75 mel steps, which the audio patch (4) does not divide.
+    run_dir = _train(tmp_path, "vram.max_t=6", "max_steps=2", "logger=none")
+    latent = json.loads((run_dir / "export" / "last" / "jointdit.json").read_text())["latent"]
+    assert latent["video_shape"][0] == 6 and latent["audio_shape"][1] == 72
+    video_seconds = latent["video_shape"][0] / latent["video_latent_fps"]
+    audio_seconds = latent["audio_shape"][1] / latent["audio_latent_fps"]
+    assert 0 <= video_seconds - audio_seconds < 4 / latent["audio_latent_fps"]  # within one audio patch
+
+
+def test_vram_auto_picks_knobs_that_fit_and_trains(tmp_path):
+    run_dir = _train(tmp_path, "vram=auto", "max_steps=2", "checkpoint.every=100")
+    _, runs = _runs(tmp_path)
+    params, metrics = runs[0].data.params, runs[0].data.metrics
+    assert int(params["memory.chosen.micro_batch_size"]) <= 2  # never above batch_size
+    assert 0 < metrics["memory_estimated_peak_mb"] < metrics["memory_budget_mb"]
+    assert (run_dir / "export" / "last").exists()
