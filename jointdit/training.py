@@ -414,6 +414,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
                     if accelerator.is_main_process and cfg.checkpoint.export and val is not None and val < best_val:
                         best_val = val
                         export(accelerator.unwrap_model(model), ema, output_dir / "export" / "best", cfg, shapes, step)
+                if (accelerator.is_main_process and int(cfg.sample_every) > 0 and step % int(cfg.sample_every) == 0
+                        and step < int(cfg.max_steps)):
+                    folder = export(accelerator.unwrap_model(model), ema, output_dir / "export" / "preview", cfg, shapes, step)
+                    for path in preview_sample(cfg, folder, output_dir / "samples" / f"step_{step:06d}", device):
+                        tracker.log_artifact(path, f"samples/step_{step:06d}")
                 if step >= int(cfg.max_steps):
                     break
         progress.close()
@@ -427,10 +432,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if math.isfinite(best_val):
             final["val/loss"] = best_val
         if accelerator.is_main_process:
-            if cfg.checkpoint.export:
+            if cfg.checkpoint.export or int(cfg.sample_every) >= 0:
                 folder = export(accelerator.unwrap_model(model), ema, output_dir / "export" / "last", cfg, shapes, step)
                 if cfg.logger.get("log_model"):
                     tracker.log_artifact(folder, "model")
+                if int(cfg.sample_every) >= 0:
+                    for path in preview_sample(cfg, folder, output_dir / "samples" / f"step_{step:06d}", device):
+                        tracker.log_artifact(path, f"samples/step_{step:06d}")
             if history:
                 curve = plot_losses(history, output_dir / "loss_curve.png")
                 tracker.log_artifact(curve)
@@ -446,6 +454,23 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 EMA_FILE = "ema.safetensors"
+
+
+def preview_sample(cfg: DictConfig, model_folder: Path, out_dir: Path, device: torch.device) -> list[Path]:
+    """A joint sample from an exported model folder, through the same code as ``python -m jointdit.sample``."""
+    from jointdit.config import CONFIG_DIR
+    from jointdit.diffusion.sampler import sample_to_files
+
+    sample_cfg = OmegaConf.load(CONFIG_DIR / "sample.yaml")
+    for key in ("defaults", "hydra"):
+        sample_cfg.pop(key)
+    sample_cfg = OmegaConf.merge(sample_cfg, {
+        "checkpoint": str(model_folder), "task": "joint", "steps": int(cfg.sample_steps), "seeds": [int(cfg.seed)],
+        "out_dir": str(out_dir), "device": device.type, "progress": False,
+        "guidance": OmegaConf.to_container(cfg.guidance, resolve=True),
+        "vram": OmegaConf.to_container(cfg.vram, resolve=True), "logger": {"name": "none"},
+    })
+    return [path for result in sample_to_files(sample_cfg) for path in result.files.values()]
 
 
 def save_checkpoint(accelerator, root: Path, step: int, history: list[dict], model, ema, keep: int) -> Path:

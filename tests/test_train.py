@@ -50,6 +50,10 @@ def test_a_run_logs_metrics_params_and_artifacts_to_mlflow(tmp_path):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config_resolved.yaml", "loss_curve.png", "hydra"} <= artifacts
     assert "config.yaml" in {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "hydra")}
+    # The end-of-run preview sample: MP4 with sound, video-only MP4, WAV and PNG.
+    previews = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "samples/step_000020")}
+    assert {"joint_seed000_steps20.mp4", "joint_seed000_steps20.wav", "joint_seed000_steps20.png"} <= previews
+    assert any(name.endswith("_video.mp4") for name in previews)
     # Checkpoints every 10 steps, and an exported model folder to sample from.
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_000010", "step_000020"]
     assert (run_dir / "export" / "last" / "diffusion_pytorch_model.safetensors").exists()
