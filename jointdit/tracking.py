@@ -26,16 +26,30 @@ MAX_PARAM_CHARS = 6000  # MLflow 3's limit on one param value
 
 
 def flatten(cfg: DictConfig | dict, prefix: str = "") -> dict[str, Any]:
-    """``{"optim": {"lr": 1e-3}}`` -> ``{"optim.lr": 1e-3}``; lists become their string form."""
-    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    """``{"optim": {"lr": 1e-3}}`` -> ``{"optim.lr": 1e-3}``; lists become their string form.
+
+    A value that cannot be resolved here (``${hydra:...}`` outside a Hydra app) is kept as its
+    interpolation text instead of failing the whole config.
+    """
+    if isinstance(cfg, DictConfig):
+        raw = flatten(OmegaConf.to_container(cfg, resolve=False))
+        return {key: _resolve_leaf(cfg, key, value) for key, value in raw.items()}
     flat: dict[str, Any] = {}
-    for key, value in container.items():
+    for key, value in cfg.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict) and value:
             flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value
     return flat
+
+
+def _resolve_leaf(cfg: DictConfig, key: str, raw: Any) -> Any:
+    try:
+        value = OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+    except Exception:  # noqa: BLE001 - any resolver failure: keep the text
+        return raw
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def _experiment_id(client, name: str, lock_dir: Path | None) -> str:

@@ -410,11 +410,7 @@ def sample_to_files(cfg) -> list[SampleResult]:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tracker = Tracker(cfg.get("logger"), run_name=job_run_name(str(cfg.get("task_name", "sample"))))
-    if tracker.active:
-        try:
-            tracker.log_params(flatten(cfg))
-        except Exception as err:  # noqa: BLE001 - interpolations that only resolve inside Hydra
-            log.warning("could not log the config as params: %s", err)
+    tracker.log_params(flatten(cfg))
     results: list[SampleResult] = []
     try:
         for seed in seeds:

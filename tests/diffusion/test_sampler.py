@@ -153,3 +153,16 @@ def test_missing_conditioning_input_is_named(compose_cfg, tiny_checkpoint, tmp_p
 def test_prompt_without_clip_warns(compose_cfg, tiny_checkpoint, tmp_path):
     with pytest.warns(UserWarning, match="prompt and negative prompt are ignored"):
         _sample(compose_cfg, tiny_checkpoint, tmp_path, "task=joint", "prompt=a dog barking", "steps=1")
+
+
+def test_outputs_are_logged_to_mlflow_when_a_logger_is_given(compose_cfg, tiny_checkpoint, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    results = _sample(compose_cfg, tiny_checkpoint, tmp_path, "task=joint", "logger=mlflow", "seeds=[0,1]")
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("sample").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    logged = {a.path for a in client.list_artifacts(runs[0].info.run_id, "samples")}
+    expected = {f"samples/{path.name}" for result in results for path in result.files.values()}
+    assert len(expected) == 8 and logged == expected  # 2 seeds x (MP4, video MP4, WAV, PNG)
+    assert runs[0].data.params["steps"] == str(STEPS)
