@@ -63,6 +63,15 @@ def _experiment_id(client, name: str, lock_dir: Path | None) -> str:
         return experiment.experiment_id if experiment else client.create_experiment(name)
 
 
+def _check_server(uri: str, timeout: float) -> None:
+    """Fail fast on an unreachable tracking server: MLflow's own retries take minutes to give up."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as response:
+        if response.status != 200:
+            raise ConnectionError(f"{uri}/health answered {response.status}")
+
+
 def _lock_dir(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
 
@@ -87,6 +96,8 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         uri = str(logger_cfg.tracking_uri)
+        if uri.startswith(("http://", "https://")):
+            _check_server(uri, float(logger_cfg.get("connect_timeout", 5)))
         client = MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(client, str(logger_cfg.experiment_name), _lock_dir(uri))
         parent_run_id = parent_run_id or os.environ.get(PARENT_ENV)
