@@ -228,17 +228,40 @@ def load_image(path: str | Path, size: tuple[int, int]) -> Tensor:
     return _resize_center_crop(x, size)[0].clamp(-1, 1)
 
 
-def load_first_frame(cfg, shapes: Shapes) -> Tensor:
-    """i2sv's image: ``image`` (a file), or the first frame of ``reference`` (an MP4)."""
+def cache_entry(cfg, meta: dict, clip_id: str) -> tuple[dict, Path]:
+    """The index row of ``clip_id`` in the latent cache of the checkpoint's data and codec."""
+    from jointdit.data.cache import cache_dir_for, read_index
+
+    if not (meta.get("data") or {}).get("name") or not meta.get("codec"):
+        raise ValueError(f"reference={clip_id!r} is not a file, and the checkpoint names no data set to look it up in")
+    cache_dir = cache_dir_for(meta["data"], meta["codec"], str(cfg.paths.cache_dir))
+    rows = read_index(cache_dir) if (cache_dir / "index.jsonl").exists() else []
+    for row in rows:
+        if row["id"] == clip_id:
+            return row, cache_dir
+    raise ValueError(f"reference={clip_id!r} is neither a file nor a clip id in the latent cache {cache_dir} "
+                     f"({len(rows)} clips); give an MP4 path or an id from its index.jsonl")
+
+
+def shapes_from_entry(row: dict, sample_rate: int) -> Shapes:
+    return Shapes(tuple(int(v) for v in row["video_shape"]), tuple(int(v) for v in row["audio_shape"]),
+                  float(row["fps"]), _size(row["size"]), float(row["seconds"]), sample_rate)
+
+
+def load_first_frame(cfg, shapes: Shapes, entry: tuple[dict, Path] | None = None) -> Tensor:
+    """i2sv's image: ``image`` (a file), or the first frame of ``reference`` (an MP4 or a cached clip)."""
     from jointdit.data.media import read_clip
 
     if cfg.get("image"):
         return load_image(cfg.image, shapes.size)
+    if entry is not None:
+        row, cache_dir = entry
+        return load_image(cache_dir / row["first_frame"], shapes.size)
     if cfg.get("reference"):
         clip = read_clip(Path(str(cfg.reference)).expanduser(), fps=shapes.fps, size=shapes.size,
                          seconds=1.0 / shapes.fps, sample_rate=shapes.sample_rate, allow_missing_audio=True)
         return clip.frames[0]
-    raise ValueError("task=i2sv needs `image=<image file>` or `reference=<mp4>` (its first frame is used)")
+    raise ValueError("task=i2sv needs `image=<image file>` or `reference=<mp4 or cached clip id>` (its first frame is used)")
 
 
 def load_audio(path: str | Path, shapes: Shapes) -> Tensor:
@@ -381,7 +404,14 @@ def sample_to_files(cfg) -> list[SampleResult]:
     video_codec, audio_codec = build_codecs(codec_cfg)
     for c in (video_codec, audio_codec):
         c.to(device)
-    shapes = resolve_shapes(meta, _plain(cfg.get("manual_shapes")), video_codec, audio_codec)
+    reference = cfg.get("reference")
+    entry = None
+    if reference and not Path(str(reference)).expanduser().exists():
+        entry = cache_entry(cfg, meta, str(reference))  # a clip id: shapes and first frame from the cache
+    if entry is not None and not cfg.get("manual_shapes"):
+        shapes = shapes_from_entry(entry[0], int(audio_codec.sample_rate))
+    else:
+        shapes = resolve_shapes(meta, _plain(cfg.get("manual_shapes")), video_codec, audio_codec)
     if shapes.video_shape[1] != model.config.video_in_channels or shapes.audio_shape[0] != model.config.audio_in_channels:
         raise ValueError(f"latent shapes video {shapes.video_shape} / audio {shapes.audio_shape} do not fit the model "
                          f"(video_in_channels={model.config.video_in_channels}, "
@@ -391,7 +421,7 @@ def sample_to_files(cfg) -> list[SampleResult]:
     image = first = video_latent = audio_latent = None
     with torch.inference_mode():
         if task == "i2sv":
-            image = load_first_frame(cfg, shapes)                                               # [3, H, W]
+            image = load_first_frame(cfg, shapes, entry)                                        # [3, H, W]
             first = video_codec.encode(image[None, None].to(device))[:, 0]                       # [1, Cv, hv, wv]
         elif task == "a2v":
             if not cfg.get("audio"):

@@ -166,3 +166,27 @@ def test_outputs_are_logged_to_mlflow_when_a_logger_is_given(compose_cfg, tiny_c
     expected = {f"samples/{path.name}" for result in results for path in result.files.values()}
     assert len(expected) == 8 and logged == expected  # 2 seeds x (MP4, video MP4, WAV, PNG)
     assert runs[0].data.params["steps"] == str(STEPS)
+
+
+def test_reference_can_be_a_cached_clip_id(compose_cfg, tiny_checkpoint, tmp_path):
+    """i2sv from a clip of the latent cache: its shapes and stored first frame are used."""
+    from jointdit.checkpoints import export_model, load_export_meta, load_model
+    from jointdit.data.cache import build_cache, cache_dir_for, read_index
+    from jointdit.diffusion.sampler import load_image
+    from omegaconf import OmegaConf
+
+    meta = load_export_meta(tiny_checkpoint)
+    data = {"name": "synthetic", "root": str(tmp_path / "synthetic"), "num_clips": 4, "seed": 0, "val_fraction": 0.5,
+            "allow_missing_audio": False, **meta["data"]}
+    meta["data"] = data
+    checkpoint = export_model(load_model(tiny_checkpoint), tmp_path / "model", meta)
+    cache_dir = cache_dir_for(data, meta["codec"], tmp_path / "data" / "cache")  # paths.cache_dir under root_dir
+    build_cache(OmegaConf.create(data), OmegaConf.create(meta["codec"]), cache_dir, split="val", progress=False,
+                log=lambda *_: None)
+    row = read_index(cache_dir)[0]
+    (res,) = _sample(compose_cfg, checkpoint, tmp_path, "task=i2sv", f"reference={row['id']}")
+    assert res.frames.shape[0] == row["num_frames"]
+    expected = load_image(cache_dir / row["first_frame"], tuple(row["size"]))
+    torch.testing.assert_close(res.frames[0], expected, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"reference='nope' is neither a file nor a clip id in the latent cache"):
+        _sample(compose_cfg, checkpoint, tmp_path, "task=i2sv", "reference=nope")
