@@ -159,7 +159,7 @@ def latent_info(dataset, collate) -> dict[str, Any]:
     if "clip_image" in item:
         clip["image_embed_dim"] = int(item["clip_image"].shape[-1])
     if clip:
-        info["clip"] = clip
+        info["clip_widths"] = clip
     return info
 
 
@@ -171,7 +171,7 @@ def build_model_for_data(model_cfg: DictConfig, shapes: dict[str, Any]) -> torch
     preset = fields.pop("preset")
     fields.update(video_in_channels=shapes["video_shape"][1], audio_in_channels=shapes["audio_shape"][0],
                   video_latent_fps=shapes["video_latent_fps"], audio_latent_fps=shapes["audio_latent_fps"],
-                  **shapes.get("clip", {}))  # the condition projections must take the cached CLIP widths
+                  **shapes.get("clip_widths", {}))  # the condition projections must take the cached CLIP widths
     return build_model(preset, **fields)
 
 
@@ -509,9 +509,17 @@ def load_ema(ema, folder: Path, state: dict[str, Any]) -> None:
     ema.optimization_step = int(state["ema"]["optimization_step"])
 
 
+def cache_clip_settings(cfg: DictConfig) -> dict | None:
+    """The CLIP encoder the latent cache was built with, so the sampler can encode prompts the same way."""
+    from jointdit.data.dataset import _built_clip_settings, cache_dir_for
+
+    settings = _built_clip_settings(cache_dir_for(cfg.data, cfg.codec, cfg.paths.cache_dir))
+    return {k: settings.get(k) for k in ("model", "pretrained", "model_config")} if settings else None
+
+
 def export(model, ema, folder: Path, cfg: DictConfig, shapes: dict[str, Any], step: int) -> Path:
     """The model folder for sampling (EMA weights when EMA is on) plus the codec/data settings."""
-    meta = {"step": step, "stage": str(cfg.stage.name), "latent": shapes,
+    meta = {"step": step, "stage": str(cfg.stage.name), "latent": shapes, "clip": cache_clip_settings(cfg),
             "codec": OmegaConf.to_container(cfg.codec, resolve=True),
             "data": OmegaConf.to_container(cfg.data, resolve=True)}
     trainable = [p for p in model.parameters() if p.requires_grad]

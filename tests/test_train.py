@@ -157,8 +157,12 @@ def test_cached_clip_embeddings_train_the_condition_projections(tmp_path):
     run_dir = _train(tmp_path, clip, "max_steps=8", "checkpoint.every=4", "ema.enabled=false", "logger=none")
     exported = json.loads((run_dir / "export" / "last" / "config.json").read_text())
     latent = json.loads((run_dir / "export" / "last" / "jointdit.json").read_text())["latent"]
-    assert latent["clip"] == {"text_len": 77, "text_token_dim": 64, "text_pooled_dim": 32, "image_embed_dim": 32}
-    assert all(exported[key] == value for key, value in latent["clip"].items())
+    assert latent["clip_widths"] == {"text_len": 77, "text_token_dim": 64, "text_pooled_dim": 32, "image_embed_dim": 32}
+    assert all(exported[key] == value for key, value in latent["clip_widths"].items())
+    # The export names the encoder, so sampling (here the end-of-run preview) encodes prompts the same way.
+    clip_meta = json.loads((run_dir / "export" / "last" / "jointdit.json").read_text())["clip"]
+    assert clip_meta == {"model": config.stem, "pretrained": None, "model_config": str(config)}
+    assert (run_dir / "samples" / "step_000008" / "joint_seed000_steps20.mp4").exists()
     # The projections of the cached features learn. adaLN-Zero gates keep the context out of the output
     # (so out of the gradient) for the first steps, so compare steps 4 and 8.
     before = load_file(run_dir / "checkpoints" / "step_000004" / "model.safetensors")

@@ -293,7 +293,7 @@ def build_conditions(cfg, meta: dict, model, image: Tensor | None, device) -> tu
     ``{model, pretrained, model_config}``. Without one, prompts and the image condition are ignored
     (with a warning) and the model gets its learned null conditions.
     """
-    clip_cfg = _plain(cfg.get("clip")) or meta.get("clip") or (meta.get("latent") or {}).get("clip")
+    clip_cfg = _plain(cfg.get("clip")) or meta.get("clip")
     prompt, negative = str(cfg.get("prompt") or ""), str(cfg.get("negative_prompt") or "")
     if not clip_cfg or clip_cfg.get("enabled", True) is False:
         if prompt or negative:
