@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from jointdit import checkpoints as ckpt
-from jointdit.diffusion.flow import TASKS, flow_loss, make_flow_batch, sample_tasks
+from jointdit.diffusion.flow import flow_loss, make_flow_batch, sample_tasks
 from jointdit.models import Condition
 from jointdit.tracking import Tracker, flatten, job_run_name
 

@@ -4,7 +4,6 @@ from helpers import run_module
 
 import librosa
 import numpy as np
-import pytest
 import torch
 
 from jointdit.data.media import read_clip
