@@ -1,5 +1,6 @@
 # The README's whole set-up: `make demo` and `make test`. Both create (or reuse) .venv and
-# install torch first from a CPU-safe pin, then the package constrained to that pin.
+# install torch first from a CPU-safe pin, then the package constrained to that pin (with the sweep
+# extra: Optuna sweeper, joblib and submitit launchers), then the torchvision start-up hook.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +14,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(PIP_FLAGS) --upgrade pip setuptools wheel
 	$(PIP) install $(PIP_FLAGS) -c constraints.txt torch
-	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e ".[ui,test]"
+	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e ".[ui,test,sweep]"
+	$(PY) -m jointdit._compat install-hook   # torchvision fix for every program in the venv (accelerate, mlflow)
 	touch $(STAMP)
 
 venv: $(STAMP)
