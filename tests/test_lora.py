@@ -1,0 +1,213 @@
+"""LoRA through PEFT: targets by glob group, per-group rank/alpha/dropout, only adapters train, the
+on-disk format loads with peft's own PeftModel, scales and merging follow W' = W + Σ s·(α/r)·B·A."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from jointdit import lora
+from jointdit.models import build_model
+
+TINY = dict(hidden_size=32, depth=2, num_heads=2, video_in_channels=4, video_patch_size=(1, 2, 2),
+            audio_in_channels=1, audio_patch_size=(4, 8), text_len=4, text_token_dim=8, text_pooled_dim=8,
+            image_embed_dim=8)
+
+
+@pytest.fixture(autouse=True)
+def _threads(one_thread):
+    yield
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = build_model("tiny", **TINY)
+    # adaLN-Zero and the output layers start at zero (the model outputs 0); give them values so that
+    # every adapter changes the output.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "adaLN_modulation" in name or "_out." in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def inputs(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    z_v = torch.randn(2, 4, 4, 4, 4, generator=g)   # [B, Tv, Cv, h, w]
+    z_a = torch.randn(2, 1, 16, 16, generator=g)    # [B, Ca, La, Fa]
+    return z_v, z_a, torch.tensor([0.3, 0.7]), torch.tensor([0.5, 0.2])
+
+
+def randomise_adapters(model: nn.Module, seed: int = 3) -> None:
+    """LoRA B starts at zero (no change); fill A and B so that the adapter does something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in lora.lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def lora_cfg(**extra):
+    return {"rank": 4, "alpha": 8, "dropout": 0.0, **extra}
+
+
+def test_groups_per_group_hyperparameters_and_errors():
+    groups = lora.groups_from_config(lora_cfg(targets=["video_attn", "joint_attn"],
+                                              groups={"joint_attn": {"rank": 2, "alpha": 2, "dropout": 0.5}}))
+    assert [(g.name, g.rank, g.alpha, g.dropout) for g in groups] == [("video_attn", 4, 8.0, 0.0), ("joint_attn", 2, 2.0, 0.5)]
+    assert lora.groups_from_config({"rank": 3})[0].alpha == 3.0  # alpha defaults to the rank
+    with pytest.raises(ValueError, match="unknown group"):
+        lora.groups_from_config(lora_cfg(targets=["video_atn"]))
+    with pytest.raises(ValueError, match="rank must be > 0"):
+        lora.groups_from_config({"rank": 0})
+    bad = lora.groups_from_config(lora_cfg(targets=["x"], groups={"x": {"patterns": ["blocks.*.nothing"]}}))
+    with pytest.raises(ValueError, match=r"\['x'\] match no linear layer"):
+        lora.resolve_targets(tiny_model(), bad)
+    assert not lora.lora_enabled({"rank": 0}) and lora.lora_enabled({"rank": 2}) and not lora.lora_enabled(None)
+
+
+def test_only_adapters_train_and_base_is_bit_identical():
+    model = tiny_model()
+    groups = lora.groups_from_config(lora_cfg(targets=["video_attn", "audio_ff", "joint_attn"],
+                                              groups={"audio_ff": {"rank": 2}}))
+    base_before = {k: v.clone() for k, v in model.state_dict().items()}
+    counts = lora.add_lora(model, groups)
+    # independent count: r·(d_in + d_out) per targeted linear, from the module shapes
+    depth, d, mlp = TINY["depth"], TINY["hidden_size"], 4 * TINY["hidden_size"]
+    assert counts["video_attn"] == depth * (4 * (d + 3 * d) + 4 * (d + d))
+    assert counts["audio_ff"] == depth * (2 * (d + mlp) + 2 * (mlp + d))
+    assert counts["joint_attn"] == depth * 4 * (d + 2 * d)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert counts["frozen"] == sum(v.numel() for v in base_before.values())
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    z_v, z_a, t_v, t_a = inputs()
+    out0 = model(z_v, z_a, t_v, t_a)
+    for _ in range(3):
+        v, a = model(z_v, z_a, t_v, t_a)
+        (v.pow(2).mean() + a.pow(2).mean()).backward()
+        opt.step()
+        opt.zero_grad()
+    after = model.state_dict()
+    for key, value in base_before.items():
+        peft_key = key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        stored = after[key] if key in after else after[peft_key]
+        assert torch.equal(stored, value), key  # bit-identical base weights
+    out1 = model(z_v, z_a, t_v, t_a)
+    assert not torch.allclose(out0[0], out1[0])  # the adapters did learn something
+
+
+def test_per_group_dropout_is_set_on_the_layers():
+    model = tiny_model()
+    groups = lora.groups_from_config(lora_cfg(dropout=0.1, targets=["video_attn", "audio_attn"],
+                                              groups={"audio_attn": {"dropout": 0.0}}))
+    lora.add_lora(model, groups)
+    assert model.blocks[0].video.qkv.lora_dropout["default"].p == 0.1
+    assert isinstance(model.blocks[0].audio.qkv.lora_dropout["default"], nn.Identity)
+
+
+def test_saved_adapter_loads_with_peft_and_matches_merge(tmp_path):
+    from peft import PeftModel, load_peft_weights
+
+    base = tiny_model()
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    model = copy.deepcopy(base)
+    groups = lora.groups_from_config(lora_cfg(targets=["video_attn", "audio_attn", "video_ff"],
+                                              groups={"video_ff": {"rank": 2, "alpha": 6}}))
+    lora.add_lora(model, groups)
+    randomise_adapters(model)
+    folder = lora.save_adapter(model, tmp_path / "adapter", base_dir, meta={"step": 7})
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                        "jointdit_adapter.json"]
+    meta = json.loads((folder / "jointdit_adapter.json").read_text())
+    assert meta["base_model"] == "../base" and meta["step"] == 7
+    assert lora.base_reference(folder) == base_dir.resolve()
+    assert lora.adapter_size_bytes(folder) > 0
+
+    z_v, z_a, t_v, t_a = inputs()
+    with torch.no_grad():
+        ours = model.eval()(z_v, z_a, t_v, t_a)
+        # peft's own loader, on a fresh copy of the base
+        weights = load_peft_weights(str(folder))
+        assert "base_model.model.blocks.0.video_ff" not in weights
+        assert weights["base_model.model.blocks.0.video.mlp.fc1.lora_A.weight"].shape == (2, TINY["hidden_size"])
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(folder)).eval()
+        theirs = peft_model(z_v, z_a, t_v, t_a)
+        merged_model = lora.load_with_adapters(folder, merge=True).eval()
+        assert not any("lora" in n for n, _ in merged_model.named_parameters())
+        merged = merged_model(z_v, z_a, t_v, t_a)
+    for a, b, c in zip(ours, theirs, merged):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
+    assert not torch.allclose(merged[0], base.eval()(z_v, z_a, t_v, t_a)[0])
+
+
+def test_two_adapters_with_scales_merge_by_the_formula(tmp_path):
+    """Merged weight = W + Σ_i s_i·(α_i/r_i)·B_i·A_i, computed here from the saved files."""
+    base = tiny_model()
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    folders = []
+    for index, (targets, rank, alpha) in enumerate(((["video_attn"], 4, 8), (["video_attn", "audio_ff"], 2, 1))):
+        m = copy.deepcopy(base)
+        lora.add_lora(m, lora.groups_from_config({"rank": rank, "alpha": alpha, "targets": targets}))
+        randomise_adapters(m, seed=10 + index)
+        folders.append(lora.save_adapter(m, tmp_path / f"adapter{index}", base_dir))
+    specs = [lora.AdapterSpec(folders[0], 0.5), lora.AdapterSpec(folders[1], -2.0)]
+
+    expected = {k: v.clone() for k, v in base.state_dict().items()}
+    for spec, rank, alpha in zip(specs, (4, 2), (8, 1)):
+        w = load_file(str(spec.path / "adapter_model.safetensors"))
+        for key in w:
+            if key.endswith("lora_A.weight"):
+                module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                delta = w[key.replace("lora_A", "lora_B")] @ w[key]
+                expected[f"{module}.weight"] += spec.scale * (alpha / rank) * delta
+    merged = lora.load_with_adapters(base_dir, specs, merge=True)
+    for key, value in merged.state_dict().items():
+        torch.testing.assert_close(value, expected[key], atol=1e-6, rtol=0)
+
+    # unmerged: both adapters active, same function as the merged weights
+    unmerged = lora.load_with_adapters(base_dir, specs, merge=False).eval()
+    z_v, z_a, t_v, t_a = inputs()
+    with torch.no_grad():
+        for a, b in zip(unmerged(z_v, z_a, t_v, t_a), merged.eval()(z_v, z_a, t_v, t_a)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert not any(p.requires_grad for p in unmerged.parameters())
+
+
+def test_parse_adapters_and_clear_errors(tmp_path):
+    specs = lora.parse_adapters("a/one:0.5,b/two")
+    assert [(s.path.name, s.scale) for s in specs] == [("one", 0.5), ("two", 1.0)]
+    specs = lora.parse_adapters([{"path": "x", "scale": 2}, "y:-1"])
+    assert [(str(s.path), s.scale) for s in specs] == [("x", 2.0), ("y", -1.0)]
+    assert lora.parse_adapters(None) == []
+    with pytest.raises(FileNotFoundError, match="not a LoRA adapter folder"):
+        lora.apply_adapters(tiny_model(), [lora.AdapterSpec(tmp_path)])
+
+
+def test_config_stage_lora_and_rank_on_top_of_stage_b(compose_cfg):
+    assert not lora.lora_enabled(compose_cfg("train", ["stage=a"]).stage.lora)
+    cfg = compose_cfg("train", ["stage=b", "stage.init_from=x", "stage.lora.rank=4", "stage.lora.groups.audio_ff.rank=8",
+                                "stage.lora.targets=[video_attn,audio_ff]"])
+    groups = lora.groups_from_config(cfg.stage.lora)
+    assert [(g.name, g.rank, g.alpha) for g in groups] == [("video_attn", 4, 4.0), ("audio_ff", 8, 8.0)]
+    cfg = compose_cfg("train", ["stage=lora", "stage.init_from=x"])
+    groups = lora.groups_from_config(cfg.stage.lora)
+    # the yaml's groups are the library's defaults
+    assert {g.name: list(g.patterns) for g in groups} == lora.DEFAULT_GROUPS
+    assert all(g.rank == 16 for g in groups)
