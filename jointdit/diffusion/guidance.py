@@ -142,7 +142,8 @@ class JointCFG:
         if n == 1:
             return model(z_video, z_audio, t_video, t_audio, branches[0].cond, "full")
         t_video = torch.as_tensor(t_video, device=z_video.device)
-        t_audio = torch.as_tensor(t_audio, device=z_video.device).reshape(-1).expand(b)
+        t_audio = torch.as_tensor(t_audio, device=z_video.device)
+        t_audio = t_audio.reshape(b, -1) if t_audio.ndim == 2 else t_audio.reshape(-1).expand(b)  # [B] or [B, La]
         t_video = t_video.reshape(b, -1)                                    # [B, 1] or [B, Tv]
         modes = [br.mode for br in branches for _ in range(b)]
         conds = [br.cond for br in branches]
@@ -150,7 +151,7 @@ class JointCFG:
         v, a = model(z_video.repeat(n, *([1] * (z_video.ndim - 1))),
                      z_audio.repeat(n, *([1] * (z_audio.ndim - 1))),
                      t_video.repeat(n, 1),
-                     t_audio.repeat(n), big_cond, modes)
+                     t_audio.repeat(n, *([1] * (t_audio.ndim - 1))), big_cond, modes)
         preds = {br.name: (vv, aa) for br, vv, aa in zip(branches, v.split(b), a.split(b))}
         return self.combine(preds)
 

@@ -308,8 +308,9 @@ class JointDiT(ModelMixin, ConfigMixin):
             self._rope_cache[key] = fn(*grid, device=device, dtype=dtype)
         return self._rope_cache[key]
 
-    def _video_time(self, t_video: Tensor, batch: int, frames: int) -> Tensor:
-        """``t_video [B]`` or ``[B, Tv]`` → modulation groups ``[B, G]`` (G = 1, or Tv/pt per-frame groups).
+    def _video_time(self, t_video: Tensor, batch: int, frames: int, hw: tuple[int, int] = (1, 1)) -> Tensor:
+        """``t_video [B]``, ``[B, Tv]`` or ``[B, Tv·hv·wv]`` → modulation groups ``[B, G]`` (G = 1, Tv/pt
+        per-frame groups, or Nv per-token groups).
 
         Per-frame times are averaged within a temporal patch (use patch_t = 1 to keep a clean first
         frame exact); frames that all share one time collapse to G = 1, which is cheaper and identical.
@@ -317,11 +318,34 @@ class JointDiT(ModelMixin, ConfigMixin):
         t = t_video.reshape(batch, -1)
         if t.shape[1] == 1:
             return t
+        if t.shape[1] > frames and t.shape[1] % frames == 0:  # [B, Tv·hv·wv] per position (masks.py)
+            return self._position_time(t, batch, frames, hw)
         if t.shape[1] != frames:
             raise ValueError(f"t_video must be [B] or [B, Tv={frames}], got {tuple(t_video.shape)}")
         if bool((t == t[:, :1]).all()):
             return t[:, :1]
         return t.view(batch, frames // self.video_patch[0], self.video_patch[0]).mean(-1)
+
+    def _position_time(self, t: Tensor, batch: int, frames: int, hw: tuple[int, int]) -> Tensor:
+        """Per-position video times ``[B, Tv·hv·wv]`` ((t, h, w) row-major) → per-token groups ``[B, Nv]``
+        (averaged within a patch), or per-frame groups when every frame is uniform."""
+        pt, ph, pw = self.video_patch
+        hv, wv = hw
+        t = t.view(batch, frames, hv * wv)                                             # [B, Tv, hv·wv]
+        if bool((t == t[:, :, :1]).all()):
+            return self._video_time(t[:, :, 0], batch, frames)
+        t = t.view(batch, frames // pt, pt, hv // ph, ph, wv // pw, pw).mean((2, 4, 6))
+        return t.reshape(batch, -1)                                                    # [B, Nv]
+
+    def _audio_time(self, t_audio: Tensor, batch: int, steps: int) -> Tensor:
+        """``t_audio`` scalar, ``[B]`` or ``[B, La]`` (per latent step) → modulation groups ``[B, Ga]``
+        (Ga = 1, or La/pa per-patch groups with times averaged within a patch)."""
+        t = t_audio.reshape(-1).expand(batch)[:, None] if t_audio.ndim < 2 else t_audio.reshape(batch, -1)
+        if t.shape[1] == 1 or bool((t == t[:, :1]).all()):
+            return t[:, :1]
+        if t.shape[1] != steps:
+            raise ValueError(f"t_audio must be [B] or [B, La={steps}], got {tuple(t_audio.shape)}")
+        return t.view(batch, steps // self.audio_patch[0], self.audio_patch[0]).mean(-1)
 
     # ------------------------------------------------------------------------------------------
     def forward(
@@ -335,7 +359,8 @@ class JointDiT(ModelMixin, ConfigMixin):
     ) -> tuple[Tensor, Tensor]:
         """Velocities ``(v_video [B,Tv,Cv,hv,wv], v_audio [B,Ca,La,Fa])`` for noisy latents at times t.
 
-        t_video: [B] or [B, Tv] (per latent frame); t_audio: [B]; both in [0, 1] (0 = clean).
+        t_video: [B], [B, Tv] (per latent frame) or [B, Tv·hv·wv] (per position); t_audio: [B] or [B, La]
+        (per latent step); all in [0, 1] (0 = clean). Per-frame/position/step times are averaged within a patch.
         cond: CLIP features with per-sample drop flags, or None (all conditions null).
         mode: "full" | "iso_v" | "iso_a" | "iso", or one such string per sample.
         """
@@ -347,10 +372,11 @@ class JointDiT(ModelMixin, ConfigMixin):
         x_v = self.video_in(patchify_video(z_video.to(dtype), self.video_patch))          # [B, Nv, D]
         x_a = self.audio_in(patchify_audio(z_audio.to(dtype), self.audio_patch))          # [B, Na, D]
         ctx, pooled = self.cond_embed(cond, b, device, dtype)                             # [B, Lc, D], [B, D]
-        t_a = torch.as_tensor(t_audio, device=device).reshape(-1).expand(b)               # [B]
-        t_v = self._video_time(torch.as_tensor(t_video, device=device), b, z_video.shape[1])  # [B, Gv]
+        t_a = self._audio_time(torch.as_tensor(t_audio, device=device), b, z_audio.shape[2])  # [B, Ga]
+        t_v = self._video_time(torch.as_tensor(t_video, device=device), b, z_video.shape[1],
+                               tuple(z_video.shape[3:]))                                  # [B, Gv]
         c_v = self.time_embed(t_v) + pooled[:, None]                                      # [B, Gv, D]
-        c_a = self.time_embed(t_a[:, None]) + pooled[:, None]                             # [B, 1, D]
+        c_a = self.time_embed(t_a) + pooled[:, None]                                      # [B, Ga, D]
         rope_v = self._rope("video", grid_v, device, dtype)                               # [Nv, 1, Dh/2] complex
         rope_a = self._rope("audio", grid_a, device, dtype)                               # [Na, 1, Dh/2] complex
 
