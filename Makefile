@@ -8,17 +8,21 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: venv demo test test-all clean
+.PHONY: venv sweep-setup demo test test-all clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(PIP_FLAGS) --upgrade pip setuptools wheel
 	$(PIP) install $(PIP_FLAGS) -c constraints.txt torch
 	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e ".[ui,test,sweep]"
-	$(PY) -m jointdit._compat install-hook   # torchvision fix for every program in the venv (accelerate, mlflow)
+	$(PY) -m jointdit.launch install-hook   # torchvision fix for every program in the venv (accelerate, mlflow)
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# The [sweep] extra (make venv installs it; this re-runs it for a venv made before it was added).
+sweep-setup: $(STAMP)
+	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e ".[sweep]"
 
 DEMO_DIR := outputs/demo
 

@@ -24,4 +24,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    import sys
+
+    from jointdit.launch import check_overrides
+
+    check_overrides(sys.argv[1:])  # a sweeper/launcher plugin that is missing: say which extra to install
     main()

@@ -1,0 +1,145 @@
+"""Beyond one process: config types that reach Accelerate, Accelerate recipes, plugin hints, and a real
+`accelerate launch` of two CPU processes (gloo) running the trainer."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from helpers import PYTHON, REPO
+
+VRAM_PROFILES = sorted(p.stem for p in (REPO / "conf" / "vram").glob("*.yaml"))
+ACCELERATE = str(Path(PYTHON).with_name("accelerate"))
+TINY = ["data.num_clips=8", "data.size=32", "data.seconds=1.0", "data.val_fraction=0.25", "model.hidden_size=64",
+        "model.depth=2", "model.num_heads=2", "vram.micro_batch_size=2", "sample_every=-1"]
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JOINTDIT_", "ACCELERATE_", "RANK", "WORLD_SIZE"))}
+    env.update(JOINTDIT_ROOT=str(tmp_path), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
+    return env
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Config types
+# ----------------------------------------------------------------------------------------------
+
+
+def test_unquoted_no_is_false_in_yaml_which_is_why_profiles_quote_it():
+    assert OmegaConf.create("mixed_precision: no").mixed_precision is False
+    assert OmegaConf.create('mixed_precision: "no"').mixed_precision == "no"
+    for path in (REPO / "conf").rglob("*.yaml"):
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "mixed_precision":
+                assert value.split("#")[0].strip().startswith('"'), f"{path}: {line!r} must be quoted"
+
+
+@pytest.mark.parametrize("profile", VRAM_PROFILES)
+def test_every_vram_profile_reaches_accelerate_with_the_right_types(profile, compose_cfg):
+    from accelerate import Accelerator
+
+    from jointdit.launch import PRECISIONS, mixed_precision
+    from jointdit.training import reset_accelerate
+
+    vram = compose_cfg("train", [f"vram={profile}"]).vram
+    assert isinstance(vram.mixed_precision, str) and vram.mixed_precision in PRECISIONS
+    for key in ("max_t", "q_chunk_v", "q_chunk_a", "kv_downsample", "vid_decode_chunk", "micro_batch_size"):
+        assert type(vram[key]) is int, (profile, key, vram[key])
+    assert type(vram.gradient_checkpointing) is bool
+    expected = vram.mixed_precision if vram.mixed_precision != "fp8" else "no"
+    try:  # bf16/fp16 autocast exist on the CPU too, so Accelerate's own check runs here
+        accelerator = Accelerator(mixed_precision=mixed_precision(expected), cpu=True)
+        assert accelerator.mixed_precision == expected
+    finally:
+        reset_accelerate()
+
+
+def test_command_line_no_stays_a_string_and_false_maps_to_no(compose_cfg):
+    from jointdit.launch import mixed_precision
+
+    assert compose_cfg("train", ["vram=48gb", "vram.mixed_precision=no"]).vram.mixed_precision == "no"
+    assert mixed_precision(False) == "no" and mixed_precision(None) == "no" and mixed_precision("BF16") == "bf16"
+    with pytest.raises(ValueError, match="expected one of no, fp16, bf16, fp8"):
+        mixed_precision("fp32")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Recipes; 4. plugins
+# ----------------------------------------------------------------------------------------------
+
+
+def test_accelerate_recipes_load_as_accelerate_configs():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    from jointdit.launch import recipes
+
+    found = recipes()
+    assert set(found) >= {"ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3", "multinode"}
+    configs = {name: ClusterConfig.from_yaml_file(str(path)) for name, path in found.items()}
+    assert all(c.mixed_precision == "no" for c in configs.values())
+    fsdp = configs["fsdp"].fsdp_config
+    assert configs["fsdp"].distributed_type == "FSDP" and fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
+    assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    from jointdit.models import jointdit as model_module
+
+    assert hasattr(model_module, fsdp["fsdp_transformer_layer_cls_to_wrap"])  # the block class exists
+    assert configs["deepspeed_zero2"].deepspeed_config["zero_stage"] == 2
+    assert configs["deepspeed_zero3"].deepspeed_config["zero_stage"] == 3
+    assert configs["multinode"].num_machines == 2
+    readme = (REPO / "README.md").read_text()
+    for name in found:
+        assert f"--config_file conf/accelerate/{name}.yaml" in readme, f"README documents no command for {name}"
+
+
+def test_plugins_are_found_through_group_files():
+    from jointdit.launch import plugins_for
+
+    assert plugins_for(["hparams_search=lr_optuna"]) == ["optuna"]
+    assert plugins_for(["hydra/launcher=slurm"]) == ["submitit_slurm"]
+    assert plugins_for(["hydra/launcher=local", "model=tiny,small"]) == ["submitit_local"]
+    assert plugins_for(["hydra/launcher=joblib", "hydra/sweeper=optuna"]) == ["joblib", "optuna"]
+    assert plugins_for(["model=tiny", "optim.lr=1e-4,3e-4", "experiment=demo"]) == []
+
+
+BLOCKED = """
+import runpy, sys
+sys.modules["hydra_plugins.hydra_optuna_sweeper"] = None   # as if the sweep extra were not installed
+sys.argv = ["jointdit.train", "-m", "hparams_search=lr_optuna"]
+runpy.run_module("jointdit.train", run_name="__main__")
+"""
+
+
+def test_a_missing_sweeper_names_the_extra_to_install():
+    result = subprocess.run([PYTHON, "-c", BLOCKED], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "the Optuna sweeper (optuna) is not installed" in result.stderr
+    assert 'pip install -e ".[sweep]"' in result.stderr and "make sweep-setup" in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. `accelerate launch` exactly as documented, two real CPU processes
+# ----------------------------------------------------------------------------------------------
+
+
+def test_accelerate_launch_runs_two_cpu_processes_into_one_run_folder(tmp_path):
+    """The README's command with the ddp recipe: two processes over gloo, one folder, weights in sync."""
+    run_dir = tmp_path / "run"
+    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "conf/accelerate/ddp.yaml"), "--num_processes", "2",
+           "-m", "jointdit.train", *TINY, "batch_size=4", "max_steps=2", "checkpoint.every=2", "logger=none",
+           f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["final"]["ranks_in_sync"] == 1.0
+    assert len(set(metrics["rank_checksums"])) == 1
+    checkpoint = run_dir / "checkpoints" / "step_000002"
+    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert (run_dir / "export" / "last" / "config.json").exists()
