@@ -10,8 +10,6 @@ The exit code is non-zero only when nothing of a requested split could be cached
 
 from __future__ import annotations
 
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
@@ -22,16 +20,24 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="cache")
 def main(cfg: DictConfig) -> None:
-    import jointdit  # noqa: F401  (torchvision fix before any codec/CLIP import)
-    from jointdit.data.cache import CacheError, run_cache
+    from jointdit.errors import run_cli
 
+    run_cli(lambda: _cache(cfg))
+
+
+def _cache(cfg: DictConfig) -> None:
+    import jointdit  # noqa: F401  (torchvision fix before any codec/CLIP import)
+    from jointdit.data.cache import run_cache
+    from jointdit.errors import DataError
+    from jointdit.schema import validate
+
+    validate(cfg)
     try:
         reports = run_cache(cfg)
-    except (CacheError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except FileNotFoundError as err:  # a missing list file or data folder
+        raise DataError(str(err)) from err
     if not all(report.ok for report in reports):
-        sys.exit(1)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,17 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="sample")
 def main(cfg: DictConfig) -> None:
+    from jointdit.errors import run_cli
+
+    run_cli(lambda: _sample(cfg))
+
+
+def _sample(cfg: DictConfig) -> None:
     import jointdit  # noqa: F401  (torchvision fix)
     from jointdit.diffusion.sampler import sample_to_files
+    from jointdit.schema import validate
 
+    validate(cfg)
     for result in sample_to_files(cfg):
         for path in result.files.values():
             print(path)

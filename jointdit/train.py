@@ -1,8 +1,12 @@
 """``python -m jointdit.train [overrides]`` — compose the ``train`` config and run one training job.
 
-    python -m jointdit.train stage=b vram=48gb stage.init_from=<stage A model folder>
+    python -m jointdit.train stage=b vram=48gb        # starts from the newest matching Stage A export
+    python -m jointdit.train stage=b vram=48gb stage.init_from=<stage A model folder or MLflow run id>
     python -m jointdit.train -m model=tiny,small optim.lr=1e-4,3e-4
     python -m jointdit.train --cfg job stage=b vram=48gb      # print the composed config
+
+A bad config value, a missing folder or a Stage B run without a Stage A model is refused before any
+work, as one ``error:`` line plus a hint (exit code 2); ``HYDRA_FULL_ERROR=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +21,17 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from jointdit.errors import run_cli
+
+    return run_cli(lambda: _train(cfg))
+
+
+def _train(cfg: DictConfig) -> float | None:
+    from jointdit.resolve_init import prepare_init_from
+    from jointdit.schema import validate
+
+    validate(cfg)
+    prepare_init_from(cfg)
     from jointdit.training import train
 
     metrics = train(cfg)

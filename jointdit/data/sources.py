@@ -3,6 +3,10 @@
 AVSync15's layout: ``<root>/videos/<class>/<file>.mp4`` plus list files (``train.txt``,
 ``test.txt``) whose lines are ``<class>/<file>.mp4``. Captions are the class names with
 underscores turned into spaces, unless a ``metadata.jsonl`` beside the lists gives them.
+
+Every entry must stay inside ``data.root``: a list line or ``metadata.jsonl`` path that is absolute,
+climbs out with ``..``, or is a symlink to a file outside the root is refused with a
+:class:`~jointdit.errors.DataError` naming the file and line.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from jointdit.data import synthetic
+from jointdit.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,29 @@ class FolderSource:
         index = self.root / "metadata.jsonl"
         if not index.exists():
             return {}
-        rows = (json.loads(line) for line in index.read_text().splitlines() if line.strip())
-        return {row["path"]: row for row in rows}
+        rows = {}
+        for number, line in enumerate(index.read_text().splitlines(), 1):
+            if line.strip():
+                row = json.loads(line)
+                self.check_inside(row["path"], index, number)
+                rows[row["path"]] = row
+        return rows
+
+    def check_inside(self, relative: str, listed_in: Path, line: int | None = None) -> Path:
+        """``videos/<relative>`` — refused when ``relative`` is absolute, climbs out with ``..``, or
+        resolves (through symlinks) to a file outside ``data.root``."""
+        where = f"{listed_in}" + (f" line {line}" if line is not None else "")
+        hint = (f"list entries are '<class>/<file>.mp4' relative to {self.videos}; move the clip under data.root "
+                f"(a copy, not a symlink) or remove the line")
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise DataError(f"{where}: entry {relative!r} points outside data.root ({self.root})", hint=hint)
+        path = self.videos / relative
+        # The boundary is the resolved root or videos folder (a symlinked videos/ on another disk is fine).
+        resolved, bounds = path.resolve(), (self.root.resolve(), self.videos.resolve())
+        if not any(resolved.is_relative_to(bound) for bound in bounds):
+            raise DataError(f"{where}: entry {relative!r} is a link to {resolved}, outside data.root ({self.root})",
+                            hint=hint)
+        return path
 
     def _listed(self, split: str) -> list[str]:
         if not self.root.is_dir():
@@ -64,6 +90,8 @@ class FolderSource:
                                     f"with {self.videos_dir}/<class>/<file>.mp4 and list files")
         if self.lists is None:
             every = sorted(p.relative_to(self.videos).as_posix() for p in self.videos.glob("*/*.mp4"))
+            for rel in every:
+                self.check_inside(rel, self.videos)
             def is_val(rel: str) -> bool:
                 return int(hashlib.sha1(rel.encode()).hexdigest(), 16) % 10_000 < self.val_fraction * 10_000
             return [rel for rel in every if is_val(rel) == (split == "val")]
@@ -74,7 +102,12 @@ class FolderSource:
             raise FileNotFoundError(
                 f"list file {list_file} is missing: it should hold one '<class>/<file>.mp4' per line "
                 f"(AVSync15 layout), or set data.lists=null to use every clip under {self.videos}")
-        return [line.strip() for line in list_file.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        entries = []
+        for number, line in enumerate(list_file.read_text().splitlines(), 1):
+            if line.strip() and not line.startswith("#"):
+                self.check_inside(line.strip(), list_file, number)
+                entries.append(line.strip())
+        return entries
 
     def clips(self, split: str) -> list[ClipRef]:
         metadata = self._metadata()
