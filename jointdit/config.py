@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Mapping
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -27,6 +28,29 @@ def compose(config_name: str, overrides: list[str] | None = None) -> DictConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return hydra_compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=False)
+
+
+def to_plain(cfg: Any) -> Any:
+    """DictConfig/ListConfig -> plain resolved containers (recursively for mappings); anything else unchanged."""
+    if isinstance(cfg, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, Mapping):
+        return {k: to_plain(v) for k, v in cfg.items()}
+    return cfg
+
+
+def resolve_device(device: Any = None):
+    """``None``/``"auto"`` -> CUDA when available, else CPU; anything else -> ``torch.device(device)``."""
+    import torch
+
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def model_fields(model_cfg: Any) -> dict[str, Any]:
+    """A ``model/`` config as plain keyword arguments: Hydra keys (``_target_``, ...) dropped, ``preset`` kept."""
+    return {k: v for k, v in dict(to_plain(model_cfg)).items() if not str(k).startswith("_")}
 
 
 register_resolvers()

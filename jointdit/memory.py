@@ -152,11 +152,11 @@ _COND_CACHE: dict[tuple, int] = {}
 # ----------------------------------------------------------------------------------------------
 def crop_shapes(video_shape: Sequence[int], audio_shape: Sequence[int], max_t: int,
                 video_fps: float, audio_fps: float) -> tuple[list[int], list[int]]:
-    """Shapes after the ``max_t`` crop (audio cropped to the same seconds, as LatentDataset does)."""
+    """Shapes after the ``max_t`` crop: ``latents.crop_lengths``, the rule ``LatentSpec.crop`` applies."""
+    from jointdit.latents import crop_lengths
+
     v, a = list(map(int, video_shape)), list(map(int, audio_shape))
-    if max_t and v[0] > max_t:
-        v[0] = int(max_t)
-        a[1] = min(a[1], int(round(max_t * audio_fps / video_fps)))
+    v[0], a[1] = crop_lengths(v[0], a[1], float(video_fps), float(audio_fps), int(max_t or 0))
     return v, a
 
 
@@ -331,25 +331,18 @@ def check_plan(est: Estimate, budget_bytes: int, knobs: Knobs | Mapping[str, Any
 # From a composed config
 # ----------------------------------------------------------------------------------------------
 def shapes_from_cfg(cfg: Any) -> tuple[list[int], list[int], float, float]:
-    """(video_shape, audio_shape, video_latent_fps, audio_latent_fps) of one clip, before the max_t crop."""
-    data, codec = cfg.data, cfg.codec
-    fps, seconds, size = float(data.fps), float(data.seconds), int(data.size)
-    n_frames, n_samples = int(math.floor(seconds * fps)), int(round(seconds * int(data.sample_rate)))
-    if str(codec.name) == "pixel_mel":
-        from jointdit.codecs import build_codecs
+    """(video_shape, audio_shape, video_latent_fps, audio_latent_fps) of one clip before the max_t crop,
+    from the run's LatentSpec (``latents.spec_for_config``: the cache's when it exists)."""
+    from jointdit.latents import spec_for_config
 
-        video, audio = build_codecs(codec)
-        vs, as_ = list(video.latent_shape(n_frames, size, size)), list(audio.latent_shape(n_samples))
-        return vs, as_, float(video.latent_fps(fps)), float(audio.latent_fps)
-    # svd_audioldm2 without loading weights: SVD VAE /8 spatial, 4 channels; AudioLDM2 mel 100 f/s -> /4, 16 bins.
-    frames = int(math.ceil(n_samples / 160))
-    return [n_frames, 4, size // 8, size // 8], [8, frames // 4, 16], fps, 25.0
+    spec = spec_for_config(cfg, patches=False, crop=False)
+    return list(spec.video_shape), list(spec.audio_shape), spec.video_latent_fps, spec.audio_latent_fps
 
 
 def _model_config_for(cfg: Any, vs: Sequence[int], as_: Sequence[int], fv: float, fa: float) -> dict[str, Any]:
-    from omegaconf import OmegaConf
+    from jointdit.config import model_fields
 
-    m = {k: v for k, v in OmegaConf.to_container(cfg.model, resolve=True).items() if not k.startswith("_")}
+    m = model_fields(cfg.model)
     m.update(video_in_channels=vs[1], audio_in_channels=as_[0], video_latent_fps=fv, audio_latent_fps=fa)
     return m
 

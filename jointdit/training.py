@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from jointdit import checkpoints as ckpt
+from jointdit.config import model_fields
+from jointdit.latents import EXPORT_FORMAT, LatentSpec, spec_for_config
 from jointdit.diffusion.flow import flow_loss, make_flow_batch, sample_tasks
 from jointdit.models import Condition
 from jointdit.tracking import Tracker, flatten, job_run_name
@@ -118,61 +120,20 @@ def reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def patch_collate(model_cfg: DictConfig):
-    """``collate_latents``, then trim both streams to whole temporal patches of the model.
-
-    A ``max_t`` crop gives the audio 12.5 latent steps per video frame at the default rates, which the
-    audio patch need not divide; dropping the last partial patch keeps the two streams within one audio
-    patch of the same span.
-    """
-    from jointdit.data.dataset import collate_latents
-    from jointdit.models.jointdit import full_config, model_config
-
-    fields = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if not k.startswith("_")}
-    config = full_config(model_config(fields.pop("preset"), **fields))
-    video_t, audio_t = int(config["video_patch_size"][0]), int(config["audio_patch_size"][0])
-
-    def collate(items: list[dict]) -> dict:
-        batch = collate_latents(items)
-        frames, steps = batch["video"].shape[1], batch["audio"].shape[2]
-        if frames < video_t or steps < audio_t:
-            raise ValueError(f"clips of {frames} latent frames / {steps} audio steps are shorter than one model "
-                             f"patch ({video_t} / {audio_t}); raise vram.max_t or data.seconds")
-        batch["video"] = batch["video"][:, : frames - frames % video_t]
-        batch["audio"] = batch["audio"][:, :, : steps - steps % audio_t]
-        return batch
-
-    return collate
+def training_spec(cfg: DictConfig) -> LatentSpec:
+    """The latent geometry this run trains on: the cache's spec, trimmed to the model's temporal patches,
+    cropped to ``vram.max_t``; its per-channel statistics kept only with ``objective.normalize_latents``."""
+    spec = spec_for_config(cfg)
+    objective = cfg.get("objective") or {}
+    return spec if objective.get("normalize_latents", False) else spec.with_stats(None, None)
 
 
-def latent_info(dataset, collate) -> dict[str, Any]:
-    """Shapes (after the max_t crop), latent rates and stored CLIP widths of what the model trains on."""
-    item = {key: value[0] if torch.is_tensor(value) and value.ndim else value
-            for key, value in collate([dataset[0]]).items()}
-    info = {"video_shape": list(item["video"].shape), "audio_shape": list(item["audio"].shape),
-            "video_latent_fps": float(item["video_latent_fps"]), "audio_latent_fps": float(item["audio_latent_fps"])}
-    clip = {}
-    if "clip_text_tokens" in item:
-        clip["text_len"], clip["text_token_dim"] = (int(n) for n in item["clip_text_tokens"].shape)
-    if "clip_text_pooled" in item:
-        clip["text_pooled_dim"] = int(item["clip_text_pooled"].shape[-1])
-    if "clip_image" in item:
-        clip["image_embed_dim"] = int(item["clip_image"].shape[-1])
-    if clip:
-        info["clip_widths"] = clip
-    return info
-
-
-def build_model_for_data(model_cfg: DictConfig, shapes: dict[str, Any]) -> torch.nn.Module:
-    """A JointDiT whose input channels and latent frame rates match the cached latents."""
+def build_model_for_spec(model_cfg: DictConfig, spec: LatentSpec) -> torch.nn.Module:
+    """A JointDiT whose input channels, latent rates and condition widths match the spec's latents."""
     from jointdit.models import build_model
 
-    fields = {k: v for k, v in OmegaConf.to_container(model_cfg, resolve=True).items() if not k.startswith("_")}
-    preset = fields.pop("preset")
-    fields.update(video_in_channels=shapes["video_shape"][1], audio_in_channels=shapes["audio_shape"][0],
-                  video_latent_fps=shapes["video_latent_fps"], audio_latent_fps=shapes["audio_latent_fps"],
-                  **shapes.get("clip_widths", {}))  # the condition projections must take the cached CLIP widths
-    return build_model(preset, **fields)
+    fields = model_fields(model_cfg)
+    return build_model(fields.pop("preset"), **{**fields, **spec.model_kwargs()})
 
 
 def condition_from_batch(batch: dict[str, Any], drop_text: float, drop_image: float, generator: torch.Generator,
@@ -276,7 +237,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train for ``cfg.max_steps`` optimizer steps; returns the final metrics."""
     from diffusers.training_utils import EMAModel
 
-    from jointdit.data.dataset import CacheMissingError, LatentDataset, ensure_cache
+    from jointdit.data.dataset import CacheMissingError, LatentDataset, collate_latents, ensure_cache
 
     output_dir = Path(cfg.paths.output_dir)
     checkpoints_root = output_dir / "checkpoints"
@@ -290,14 +251,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # 1. Data: the latent cache (built on first use for the synthetic set).
         with accelerator.main_process_first():
             cache_dir = ensure_cache(cfg)
-        max_t = int(cfg.vram.max_t)
-        train_set = LatentDataset(cache_dir, "train", max_t=max_t, seed=int(cfg.seed))
+        spec = training_spec(cfg)
+        train_set = LatentDataset(cache_dir, "train", seed=int(cfg.seed), spec=spec)
         try:
-            val_set = LatentDataset(cache_dir, "val", max_t=max_t, seed=int(cfg.seed), random_crop=False)
+            val_set = LatentDataset(cache_dir, "val", seed=int(cfg.seed), random_crop=False, spec=spec)
         except CacheMissingError:
             val_set = None  # no validation split: no val loss, no "best" export
-        collate = patch_collate(cfg.model)
-        shapes = latent_info(train_set, collate)
+        collate = collate_latents
         sampler = EpochBatchSampler(len(train_set), int(cfg.vram.micro_batch_size), int(cfg.seed), rank, world)
         loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
                             num_workers=int(cfg.num_workers), generator=torch.Generator().manual_seed(int(cfg.seed)))
@@ -306,7 +266,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         from accelerate.utils import set_seed
 
         set_seed(int(cfg.seed))
-        model = build_model_for_data(cfg.model, shapes)
+        model = build_model_for_spec(cfg.model, spec)
         if cfg.stage.get("init_from"):
             ckpt.load_into(model, cfg.stage.init_from)
         model.set_memory_knobs(q_chunk_v=int(cfg.vram.q_chunk_v), q_chunk_a=int(cfg.vram.q_chunk_a),
@@ -413,10 +373,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                         history[-1]["val_loss"] = val
                     if accelerator.is_main_process and cfg.checkpoint.export and val is not None and val < best_val:
                         best_val = val
-                        export(accelerator.unwrap_model(model), ema, output_dir / "export" / "best", cfg, shapes, step)
+                        export(accelerator.unwrap_model(model), ema, output_dir / "export" / "best", cfg, spec, step)
                 if (accelerator.is_main_process and int(cfg.sample_every) > 0 and step % int(cfg.sample_every) == 0
                         and step < int(cfg.max_steps)):
-                    folder = export(accelerator.unwrap_model(model), ema, output_dir / "export" / "preview", cfg, shapes, step)
+                    folder = export(accelerator.unwrap_model(model), ema, output_dir / "export" / "preview", cfg, spec, step)
                     for path in preview_sample(cfg, folder, output_dir / "samples" / f"step_{step:06d}", device):
                         tracker.log_artifact(path, f"samples/step_{step:06d}")
                 if step >= int(cfg.max_steps):
@@ -433,7 +393,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             final["val/loss"] = best_val
         if accelerator.is_main_process:
             if cfg.checkpoint.export or int(cfg.sample_every) >= 0:
-                folder = export(accelerator.unwrap_model(model), ema, output_dir / "export" / "last", cfg, shapes, step)
+                folder = export(accelerator.unwrap_model(model), ema, output_dir / "export" / "last", cfg, spec, step)
                 if cfg.logger.get("log_model"):
                     tracker.log_artifact(folder, "model")
                 if int(cfg.sample_every) >= 0:
@@ -517,11 +477,18 @@ def cache_clip_settings(cfg: DictConfig) -> dict | None:
     return {k: settings.get(k) for k in ("model", "pretrained", "model_config")} if settings else None
 
 
-def export(model, ema, folder: Path, cfg: DictConfig, shapes: dict[str, Any], step: int) -> Path:
-    """The model folder for sampling (EMA weights when EMA is on) plus the codec/data settings."""
-    meta = {"step": step, "stage": str(cfg.stage.name), "latent": shapes, "clip": cache_clip_settings(cfg),
+def export_meta(cfg: DictConfig, spec: LatentSpec, step: int) -> dict[str, Any]:
+    """``jointdit.json``: the LatentSpec the model was trained on, and every setting that changes the
+    function the model computes (``attention.kv_downsample``), beside the codec/data/CLIP settings."""
+    return {"format": EXPORT_FORMAT, "step": step, "stage": str(cfg.stage.name), "spec": spec.to_json(),
+            "attention": {"kv_downsample": int(cfg.vram.kv_downsample)}, "clip": cache_clip_settings(cfg),
             "codec": OmegaConf.to_container(cfg.codec, resolve=True),
             "data": OmegaConf.to_container(cfg.data, resolve=True)}
+
+
+def export(model, ema, folder: Path, cfg: DictConfig, spec: LatentSpec, step: int) -> Path:
+    """The model folder for sampling (EMA weights when EMA is on) plus ``jointdit.json`` (:func:`export_meta`)."""
+    meta = export_meta(cfg, spec, step)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if ema is not None:
         ema.store(trainable)

@@ -13,6 +13,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from helpers import PYTHON, REPO, run_module
+from jointdit.latents import LatentSpec
 
 # A small, fast set-up: 8 clips of 1 s at 32 px, a 2-block model.
 SMALL = ["data.num_clips=8", "data.size=32", "data.seconds=1.0", "data.val_fraction=0.25",
@@ -156,9 +157,9 @@ def test_cached_clip_embeddings_train_the_condition_projections(tmp_path):
             f"threshold:null,store_embeddings:true}}}}")
     run_dir = _train(tmp_path, clip, "max_steps=8", "checkpoint.every=4", "ema.enabled=false", "logger=none")
     exported = json.loads((run_dir / "export" / "last" / "config.json").read_text())
-    latent = json.loads((run_dir / "export" / "last" / "jointdit.json").read_text())["latent"]
-    assert latent["clip_widths"] == {"text_len": 77, "text_token_dim": 64, "text_pooled_dim": 32, "image_embed_dim": 32}
-    assert all(exported[key] == value for key, value in latent["clip_widths"].items())
+    spec = LatentSpec.from_export_meta(json.loads((run_dir / "export" / "last" / "jointdit.json").read_text()))
+    assert spec.clip_widths == {"text_len": 77, "text_token_dim": 64, "text_pooled_dim": 32, "image_embed_dim": 32}
+    assert all(exported[key] == value for key, value in spec.clip_widths.items())
     # The export names the encoder, so sampling (here the end-of-run preview) encodes prompts the same way.
     clip_meta = json.loads((run_dir / "export" / "last" / "jointdit.json").read_text())["clip"]
     assert clip_meta == {"model": config.stem, "pretrained": None, "model_config": str(config)}
@@ -183,11 +184,11 @@ def test_a_plan_that_cannot_fit_stops_before_anything_is_built(tmp_path):
 def test_max_t_crops_both_streams_to_the_same_span_in_whole_patches(tmp_path):
     # 6 latent frames at 8 fps = 0.75 s = 75 mel steps, which the audio patch (4) does not divide.
     run_dir = _train(tmp_path, "vram.max_t=6", "max_steps=2", "logger=none")
-    latent = json.loads((run_dir / "export" / "last" / "jointdit.json").read_text())["latent"]
-    assert latent["video_shape"][0] == 6 and latent["audio_shape"][1] == 72
-    video_seconds = latent["video_shape"][0] / latent["video_latent_fps"]
-    audio_seconds = latent["audio_shape"][1] / latent["audio_latent_fps"]
-    assert 0 <= video_seconds - audio_seconds < 4 / latent["audio_latent_fps"]  # within one audio patch
+    spec = LatentSpec.from_export_meta(json.loads((run_dir / "export" / "last" / "jointdit.json").read_text()))
+    assert spec.video_shape[0] == 6 and spec.audio_shape[1] == 72 and spec.seconds == 0.75
+    video_seconds = spec.video_shape[0] / spec.video_latent_fps
+    audio_seconds = spec.audio_shape[1] / spec.audio_latent_fps
+    assert 0 <= video_seconds - audio_seconds < 4 / spec.audio_latent_fps  # within one audio patch
 
 
 def test_vram_auto_picks_knobs_that_fit_and_trains(tmp_path):

@@ -2,7 +2,9 @@
 
 Layout of a cache folder (``cache_dir_for(data, codec, cache_root)``)::
 
-    meta.json                 format, the data/codec (/CLIP) config the cache was built with
+    meta.json                 format, the data/codec (/CLIP) config the cache was built with, and ``spec``: the
+                              LatentSpec of its clips (shapes, rates, time origins, CLIP widths, per-channel
+                              mean/std of the train split) — see ``read_cache_spec``
     index.jsonl               one row per cached clip (see ``_row``); appended only after its shard is in place
     shard-00000.safetensors   tensors "<id>.video" [Tv,Cv,hv,wv], "<id>.audio" [Ca,La,Fa],
                               "<id>.first_frame" uint8 [3,H,W], optional "<id>.clip_image" [Di],
@@ -22,6 +24,7 @@ files, a torn last index line and shards no index row names. One run at a time p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -35,6 +38,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
+
+from jointdit.config import to_plain
+from jointdit.latents import LatentSpec, clip_widths_of, spec_for_data
 
 INDEX_NAME = "index.jsonl"
 META_NAME = "meta.json"
@@ -70,20 +76,6 @@ class CacheMissingError(FileNotFoundError):
 # ----------------------------------------------------------------------------------------------
 
 
-def _plain(cfg: Any) -> Any:
-    """DictConfig/ListConfig -> plain resolved containers; anything else unchanged."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(cfg, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(cfg, Mapping):
-        return {k: _plain(v) for k, v in cfg.items()}
-    return cfg
-
-
 def cache_dir_for(data_cfg: Any, codec_cfg: Any, cache_root: str | os.PathLike) -> Path:
     """The cache folder for a (data, codec) pair under ``cache_root`` (``cfg.paths.cache_dir``).
 
@@ -91,7 +83,7 @@ def cache_dir_for(data_cfg: Any, codec_cfg: Any, cache_root: str | os.PathLike) 
     same expression. Other settings (root, seed, codec parameters, ...) are checked against
     ``meta.json`` so a mismatch is refused rather than silently mixed.
     """
-    d, c = _plain(data_cfg), _plain(codec_cfg)
+    d, c = to_plain(data_cfg), to_plain(codec_cfg)
     return Path(cache_root) / f"{d['name']}-{c['name']}-{d['size']}px-{d['fps']}fps-{d['seconds']}s"
 
 
@@ -103,7 +95,7 @@ def _strip_runtime(tree: Any) -> Any:
 
 def clip_settings(clip_cfg: Any) -> dict | None:
     """The CLIP gate settings that shape a cache's content, or None when the gate is off."""
-    c = _plain(clip_cfg) or {}
+    c = to_plain(clip_cfg) or {}
     if not c.get("enabled", False):
         return None
     return {k: c.get(k) for k in _CLIP_KEYS}
@@ -111,7 +103,7 @@ def clip_settings(clip_cfg: Any) -> dict | None:
 
 def cache_config(data_cfg: Any, codec_cfg: Any, clip_cfg: Any = None) -> dict:
     """What ``meta.json`` records and a re-run must match."""
-    return {"data": _plain(data_cfg), "codec": _strip_runtime(_plain(codec_cfg)), "clip": clip_settings(clip_cfg)}
+    return {"data": to_plain(data_cfg), "codec": _strip_runtime(to_plain(codec_cfg)), "clip": clip_settings(clip_cfg)}
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -442,7 +434,7 @@ def wipe_cache(out: str | os.PathLike) -> None:
 
 
 def _codec_config(codec_cfg: Any, device: str) -> dict:
-    c = _plain(codec_cfg)
+    c = to_plain(codec_cfg)
     if "device" in c and str(device) != "auto" and str(c.get("device", "auto")) == "auto":
         c["device"] = str(device)
     return c
@@ -489,7 +481,7 @@ def _build_locked(data_cfg, codec_cfg, out: Path, split: str, *, shard_size, bat
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     started = time.perf_counter()
-    data = _plain(data_cfg)
+    data = to_plain(data_cfg)
     config = cache_config(data_cfg, codec_cfg, clip_cfg)
     _check_meta(out, config, overwrite, log)
     rows = _recover(out, log)
@@ -521,7 +513,9 @@ def _build_locked(data_cfg, codec_cfg, out: Path, split: str, *, shard_size, bat
                              f"set data.sample_rate={audio_codec.sample_rate}")
         read = lambda ref: read_clip(ref.path, fps=fps, size=data["size"], seconds=seconds, sample_rate=sr,  # noqa: E731
                                      allow_missing_audio=bool(data.get("allow_missing_audio", False)))
-        video_fps, audio_fps = float(video_codec.latent_fps(fps)), float(audio_codec.latent_fps)
+        codec_spec = LatentSpec.from_codecs(video_codec, audio_codec, fps=fps, size=data["size"], seconds=seconds,
+                                            sample_rate=sr, codec=config["codec"])
+        video_fps, audio_fps = codec_spec.video_latent_fps, codec_spec.audio_latent_fps
         bar = tqdm(total=len(todo), desc=f"cache {split}", unit="clip", disable=not progress, dynamic_ncols=True)
         for batch in _read_batches(todo, max(int(batch_size), 1), read, int(read_workers)):
             good = []
@@ -539,6 +533,8 @@ def _build_locked(data_cfg, codec_cfg, out: Path, split: str, *, shard_size, bat
         report.cached += writer.flush()
         bar.close()
 
+    if report.cached or not _meta(out).get("spec"):
+        write_cache_spec(out, codec_spec if todo else None, config, log)
     report.in_index = len(read_index(out, split))
     report.seconds = time.perf_counter() - started
     _save_report(out, report)
@@ -593,6 +589,88 @@ def _encode_and_add(good, video_codec, audio_codec, gate, writer: _ShardWriter, 
         }
         written += writer.add(row, tensors)
     return written
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache's LatentSpec
+# ----------------------------------------------------------------------------------------------
+
+STATS_MAX_CLIPS = 1024  # per-channel statistics are measured on at most this many train clips (index order)
+_STD_FLOOR = 1e-3  # a constant channel (e.g. a flat border of space-to-depth pixels) normalises by this, not by 0
+
+
+def _meta(out: Path) -> dict:
+    try:
+        return json.loads((out / META_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _channel_stats(out: Path, rows: list[dict], key: str, channel_axis: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std (float64 sums, population std) of tensor ``key`` over ``rows``."""
+    from safetensors import safe_open
+
+    total = total_sq = None
+    count = 0
+    by_shard: dict[str, list[dict]] = {}
+    for row in rows:
+        by_shard.setdefault(row["shard"], []).append(row)
+    for shard, shard_rows in by_shard.items():
+        with safe_open(str(out / shard), framework="pt", device="cpu") as handle:
+            for row in shard_rows:
+                z = handle.get_tensor(row["tensors"][key]).double().movedim(channel_axis, 0).flatten(1)  # [C, n]
+                total = z.sum(1) if total is None else total + z.sum(1)
+                total_sq = (z * z).sum(1) if total_sq is None else total_sq + (z * z).sum(1)
+                count += z.shape[1]
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(_STD_FLOOR)
+    return mean.tolist(), std.tolist()
+
+
+def write_cache_spec(out: Path, codec_spec: LatentSpec | None, config: dict, log: Callable[[str], None] = print) -> LatentSpec | None:
+    """Write ``meta.json``'s ``spec``: ``codec_spec`` (or one computed from the config), checked against every
+    row's stored shapes, with the CLIP widths and the train split's per-channel mean/std measured from the shards."""
+    rows = read_index(out)
+    if not rows:
+        return None
+    spec = codec_spec or spec_for_data(config["data"], config["codec"])
+    odd = [r["id"] for r in rows if tuple(r["video_shape"]) != spec.video_shape or tuple(r["audio_shape"]) != spec.audio_shape]
+    if odd:
+        raise CacheError(f"{out}: clips {odd[:5]} have latent shapes {rows[0]['video_shape']} / {rows[0]['audio_shape']}, "
+                         f"but the codecs give {list(spec.video_shape)} / {list(spec.audio_shape)} for "
+                         f"{spec.seconds} s at {spec.fps} fps; rebuild the cache (overwrite=true)")
+    train = [r for r in rows if r["split"] == "train"] or rows
+    sample = train[:STATS_MAX_CLIPS]
+    from safetensors import safe_open
+
+    with safe_open(str(out / sample[0]["shard"]), framework="pt", device="cpu") as handle:
+        stored = {k: handle.get_tensor(v) for k, v in sample[0]["tensors"].items() if k.startswith("clip_")}
+    spec = dataclasses.replace(spec, clip_widths=clip_widths_of(stored)).with_stats(
+        _channel_stats(out, sample, "video", 1), _channel_stats(out, sample, "audio", 0))
+    meta = _meta(out)
+    meta["spec"] = spec.to_json()
+    _write_json(out / META_NAME, meta)
+    return spec
+
+
+def read_cache_spec(cache_dir: str | os.PathLike) -> LatentSpec | None:
+    """The :class:`LatentSpec` of a cache folder (``None`` when there is no cache there).
+
+    Caches written before the spec existed have none in ``meta.json``: theirs is rebuilt from the first
+    index row (shapes, rates) and the codec config (time origins); they carry no statistics.
+    """
+    out = Path(cache_dir)
+    meta = _meta(out)
+    if meta.get("spec"):
+        return LatentSpec.from_json(meta["spec"])
+    rows = read_index(out) if (out / INDEX_NAME).exists() else []
+    config = meta.get("config") or {}
+    if not rows or not config.get("data") or not config.get("codec"):
+        return None
+    row = rows[0]
+    base = spec_for_data(config["data"], config["codec"])
+    return dataclasses.replace(base, video_shape=tuple(row["video_shape"]), audio_shape=tuple(row["audio_shape"]),
+                               video_latent_fps=float(row["video_latent_fps"]), audio_latent_fps=float(row["audio_latent_fps"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -680,7 +758,7 @@ def cache_status(out: str | os.PathLike, data_cfg: Any, codec_cfg: Any, clip_cfg
 
 def build_command(data_cfg: Any, codec_cfg: Any, split: str = "train") -> str:
     """The command line that builds the cache for ``(data, codec)``."""
-    d, c = _plain(data_cfg) or {}, _plain(codec_cfg) or {}
+    d, c = to_plain(data_cfg) or {}, to_plain(codec_cfg) or {}
     extra = f" data.root={d['root']}" if d.get("name") == "folder" and d.get("root") else ""
     return f"python -m jointdit.cache data={d.get('name', '...')} codec={c.get('name', '...')} split={split}{extra}"
 
@@ -688,5 +766,5 @@ def build_command(data_cfg: Any, codec_cfg: Any, split: str = "train") -> str:
 __all__ = [
     "CacheError", "CacheMismatchError", "CacheMissingError", "CacheReport", "CacheStatus", "build_cache",
     "build_command", "cache_dir_for", "cache_config", "cache_status", "read_index", "read_report", "resolve_out_dir",
-    "run_cache", "wipe_cache", "INDEX_NAME", "META_NAME", "REPORT_NAME", "CRASH_ENV",
+    "run_cache", "wipe_cache", "read_cache_spec", "write_cache_spec", "INDEX_NAME", "META_NAME", "REPORT_NAME", "CRASH_ENV",
 ]

@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from jointdit.latents import LatentSpec, aligned_lengths
 from jointdit.data.cache import (
     META_NAME,
     SPLITS,
@@ -39,6 +40,7 @@ from jointdit.data.cache import (
     cache_dir_for,
     cache_lock,
     cache_status,
+    read_cache_spec,
     read_index,
     _build_locked,
 )
@@ -51,17 +53,6 @@ __all__ = ["LatentDataset", "EpochSampler", "aligned_lengths", "collate_latents"
 
 def _ratio(audio_fps: float, video_fps: float) -> Fraction:
     return Fraction(audio_fps).limit_denominator(10_000) / Fraction(video_fps).limit_denominator(10_000)
-
-
-def aligned_lengths(video_frames: int, audio_frames: int, video_fps: float, audio_fps: float) -> tuple[int, int]:
-    """The longest ``(Tv, La)`` both modalities hold for one common time span starting at 0.
-
-    ``Tv = floor(span · video_fps)``, ``La = round(Tv · audio_fps / video_fps)`` (never more than held).
-    """
-    span = min(video_frames / video_fps, audio_frames / audio_fps)
-    tv = min(video_frames, int(math.floor(span * video_fps + 1e-6)))
-    la = min(audio_frames, int(round(tv * audio_fps / video_fps)))
-    return tv, la
 
 
 def _missing_message(cache_dir: Path, split: str, why: str) -> str:
@@ -83,6 +74,11 @@ class LatentDataset(Dataset):
         cache_dir: a folder written by ``python -m jointdit.cache``.
         split: ``train`` or ``val``.
         max_t: crop to at most this many latent video frames (0 = no crop); audio is cropped to the same seconds.
+            Shorthand for ``spec=read_cache_spec(cache_dir).crop(max_t)`` without normalisation.
+        spec: the :class:`~jointdit.latents.LatentSpec` items follow (usually the cache's spec cropped and
+            trimmed to the model's patches, ``latents.spec_for_config``): every item is exactly
+            ``spec.video_shape`` / ``spec.audio_shape``, normalised with the spec's per-channel statistics
+            (none: raw latents). Overrides ``max_t``.
         seed: crop starts are drawn from ``(seed, index, epoch)`` — deterministic, different every epoch.
         random_crop: random crop starts (default: True for ``train``, else crops start at 0).
         exact_align: only use crop starts where the audio start is an exact latent step (see module doc).
@@ -94,7 +90,7 @@ class LatentDataset(Dataset):
     """
 
     def __init__(self, cache_dir: str | os.PathLike, split: str = "train", max_t: int = 0, seed: int = 0,
-                 random_crop: bool | None = None, exact_align: bool = True):
+                 random_crop: bool | None = None, exact_align: bool = True, spec: LatentSpec | None = None):
         self.cache_dir = Path(cache_dir)
         self.split = split
         if not (self.cache_dir / "index.jsonl").exists():
@@ -105,11 +101,17 @@ class LatentDataset(Dataset):
         if not self.rows:
             raise CacheMissingError(_missing_message(
                 self.cache_dir, split, f"the cache {self.cache_dir} holds no clips of split {split!r}"))
-        rates = {(float(r["video_latent_fps"]), float(r["audio_latent_fps"])) for r in self.rows}
-        if len(rates) != 1:
-            raise ValueError(f"{self.cache_dir}: clips with different latent rates {sorted(rates)}")
-        self.video_fps, self.audio_fps = rates.pop()
-        self.max_t = int(max_t or 0)
+        if spec is None:
+            spec = read_cache_spec(self.cache_dir).with_stats(None, None).crop(int(max_t or 0))
+        self.spec = spec
+        self.video_fps, self.audio_fps = spec.video_latent_fps, spec.audio_latent_fps
+        held = {r["id"]: aligned_lengths(int(r["video_shape"][0]), int(r["audio_shape"][1]), self.video_fps,
+                                         self.audio_fps) for r in self.rows}
+        short = [i for i, (tv, la) in held.items() if tv < spec.video_shape[0] or la < spec.audio_shape[1]]
+        if short:
+            raise ValueError(f"{self.cache_dir}: clips {short[:5]} hold fewer latents than the spec's "
+                             f"{spec.video_shape[0]} video frames / {spec.audio_shape[1]} audio steps")
+        self.max_t = spec.video_shape[0]
         self.seed = int(seed)
         self.random_crop = (split == "train") if random_crop is None else bool(random_crop)
         self.exact_align = bool(exact_align)
@@ -146,10 +148,9 @@ class LatentDataset(Dataset):
         row = self.rows[index]
         fv, fa = self.video_fps, self.audio_fps
         tv_all, la_all = aligned_lengths(int(row["video_shape"][0]), int(row["audio_shape"][1]), fv, fa)
-        if not self.max_t or tv_all <= self.max_t:
-            return 0, tv_all, 0, la_all
-        tv = self.max_t
-        la = int(round(tv * fa / fv))
+        tv, la = self.spec.video_shape[0], self.spec.audio_shape[1]
+        if tv_all <= tv:
+            return 0, tv, 0, la
         ratio = _ratio(fa, fv)
         step = ratio.denominator if self.exact_align else 1
         starts = [s for s in range(0, tv_all - tv + 1, step) if int(round(s * fa / fv)) + la <= la_all] or [0]
@@ -171,8 +172,8 @@ class LatentDataset(Dataset):
         v0, tv, a0, la = self.crop_window(index, epoch)
         item = {
             "id": row["id"], "caption": row["caption"], "index": index,
-            "video": handle.get_slice(names["video"])[v0 : v0 + tv],
-            "audio": handle.get_slice(names["audio"])[:, a0 : a0 + la],
+            "video": self.spec.normalize_video(handle.get_slice(names["video"])[v0 : v0 + tv]),
+            "audio": self.spec.normalize_audio(handle.get_slice(names["audio"])[:, a0 : a0 + la]),
             "video_start": v0, "audio_start": a0, "start_seconds": v0 / self.video_fps,
             "video_latent_fps": self.video_fps, "audio_latent_fps": self.audio_fps,
         }
@@ -189,7 +190,9 @@ class LatentDataset(Dataset):
 
 
 def collate_latents(items: Sequence[dict]) -> dict:
-    """Batch items of possibly different lengths by cropping each to the common (shortest) span.
+    """Batch items; items of different lengths are first cropped to the common (shortest) span.
+
+    Items of one length (a :class:`LatentDataset` with a spec) are stacked as they are.
 
     Every item starts at its own aligned start, so cutting the tails to ``aligned_lengths`` of the
     shortest keeps each clip's video and audio on the same seconds. Returns ``video`` [B,Tv,Cv,hv,wv],
@@ -202,7 +205,9 @@ def collate_latents(items: Sequence[dict]) -> dict:
     fv, fa = float(items[0]["video_latent_fps"]), float(items[0]["audio_latent_fps"])
     if any(float(i["video_latent_fps"]) != fv or float(i["audio_latent_fps"]) != fa for i in items):
         raise ValueError("collate_latents: items with different latent rates cannot share a batch")
-    tv, la = aligned_lengths(min(i["video"].shape[0] for i in items), min(i["audio"].shape[1] for i in items), fv, fa)
+    tv, la = min(i["video"].shape[0] for i in items), min(i["audio"].shape[1] for i in items)
+    if any(i["video"].shape[0] != tv or i["audio"].shape[1] != la for i in items):  # ragged: cut to a common span
+        tv, la = aligned_lengths(tv, la, fv, fa)
     batch: dict[str, Any] = {
         "video": torch.stack([i["video"][:tv] for i in items]),
         "audio": torch.stack([i["audio"][:, :la] for i in items]),

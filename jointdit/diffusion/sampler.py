@@ -162,6 +162,7 @@ class Shapes:
     size: tuple[int, int]                    # (H, W)
     seconds: float
     sample_rate: int
+    spec: Any = None                         # the LatentSpec the shapes come from (normalisation, time origins)
 
     @property
     def num_frames(self) -> int:
@@ -186,26 +187,20 @@ def _size(size: Any) -> tuple[int, int]:
 
 
 def resolve_shapes(meta: dict, manual: dict | None, video_codec, audio_codec) -> Shapes:
-    """Latent shapes from ``manual_shapes`` {seconds, fps, size, sample_rate} or the checkpoint's meta."""
-    sr = int(audio_codec.sample_rate)
+    """Latent shapes from ``manual_shapes`` {seconds, fps, size, sample_rate} or the export's LatentSpec."""
+    from jointdit.latents import LatentSpec
+
     if manual:
         manual = _plain(manual)
-        fps, seconds, size = float(manual["fps"]), float(manual["seconds"]), _size(manual["size"])
+        sr = int(audio_codec.sample_rate)
         if manual.get("sample_rate") and int(manual["sample_rate"]) != sr:
             warnings.warn(f"manual_shapes.sample_rate={manual['sample_rate']} differs from the codec's {sr} Hz; "
                           f"using {sr}", stacklevel=2)
-        frames = int(round(seconds * fps))
-        return Shapes(tuple(video_codec.latent_shape(frames, *size)), tuple(audio_codec.latent_shape(int(round(seconds * sr)))),
-                      fps, size, seconds, sr)
-    latent, data = meta.get("latent") or {}, meta.get("data") or {}
-    missing = [k for k, src in (("latent.video_shape", latent.get("video_shape")), ("latent.audio_shape", latent.get("audio_shape")),
-                                 ("data.fps", data.get("fps")), ("data.size", data.get("size")),
-                                 ("data.seconds", data.get("seconds"))) if src is None]
-    if missing:
-        raise ValueError(f"the checkpoint's jointdit.json lacks {missing}; give the shapes with "
-                         f"manual_shapes='{{seconds: 2.0, fps: 8, size: 64, sample_rate: 16000}}'")
-    return Shapes(tuple(int(v) for v in latent["video_shape"]), tuple(int(v) for v in latent["audio_shape"]),
-                  float(data["fps"]), _size(data["size"]), float(data["seconds"]), sr)
+        spec = LatentSpec.from_codecs(video_codec, audio_codec, fps=float(manual["fps"]), size=_plain(manual["size"]),
+                                      seconds=float(manual["seconds"]))
+    else:
+        spec = LatentSpec.from_export_meta(meta)
+    return Shapes(spec.video_shape, spec.audio_shape, spec.fps, spec.size, spec.seconds, spec.sample_rate, spec)
 
 
 def _fit_wave(wave: Tensor, n: int) -> Tensor:
@@ -241,11 +236,6 @@ def cache_entry(cfg, meta: dict, clip_id: str) -> tuple[dict, Path]:
             return row, cache_dir
     raise ValueError(f"reference={clip_id!r} is neither a file nor a clip id in the latent cache {cache_dir} "
                      f"({len(rows)} clips); give an MP4 path or an id from its index.jsonl")
-
-
-def shapes_from_entry(row: dict, sample_rate: int) -> Shapes:
-    return Shapes(tuple(int(v) for v in row["video_shape"]), tuple(int(v) for v in row["audio_shape"]),
-                  float(row["fps"]), _size(row["size"]), float(row["seconds"]), sample_rate)
 
 
 def load_first_frame(cfg, shapes: Shapes, entry: tuple[dict, Path] | None = None) -> Tensor:
@@ -408,10 +398,8 @@ def sample_to_files(cfg) -> list[SampleResult]:
     entry = None
     if reference and not Path(str(reference)).expanduser().exists():
         entry = cache_entry(cfg, meta, str(reference))  # a clip id: shapes and first frame from the cache
-    if entry is not None and not cfg.get("manual_shapes"):
-        shapes = shapes_from_entry(entry[0], int(audio_codec.sample_rate))
-    else:
-        shapes = resolve_shapes(meta, _plain(cfg.get("manual_shapes")), video_codec, audio_codec)
+    shapes = resolve_shapes(meta, _plain(cfg.get("manual_shapes")), video_codec, audio_codec)
+    spec = shapes.spec
     if shapes.video_shape[1] != model.config.video_in_channels or shapes.audio_shape[0] != model.config.audio_in_channels:
         raise ValueError(f"latent shapes video {shapes.video_shape} / audio {shapes.audio_shape} do not fit the model "
                          f"(video_in_channels={model.config.video_in_channels}, "
@@ -422,15 +410,16 @@ def sample_to_files(cfg) -> list[SampleResult]:
     with torch.inference_mode():
         if task == "i2sv":
             image = load_first_frame(cfg, shapes, entry)                                        # [3, H, W]
-            first = video_codec.encode(image[None, None].to(device))[:, 0]                       # [1, Cv, hv, wv]
+            first = spec.normalize_video(video_codec.encode(image[None, None].to(device)))[:, 0]  # [1, Cv, hv, wv]
         elif task == "a2v":
             if not cfg.get("audio"):
                 raise ValueError("task=a2v needs `audio=<wav or mp4>`")
-            audio_latent = audio_codec.encode(load_audio(cfg.audio, shapes)[None].to(device))    # [1, Ca, La, Fa]
+            audio_latent = audio_codec.encode(load_audio(cfg.audio, shapes)[None].to(device))    # [1, Ca, La', Fa]
+            audio_latent = spec.normalize_audio(audio_latent[:, :, : shapes.audio_shape[1]])     # the spec's whole patches
         elif task == "v2a":
             if not cfg.get("video"):
                 raise ValueError("task=v2a needs `video=<mp4>`")
-            video_latent = video_codec.encode(load_video(cfg.video, shapes)[None].to(device))    # [1, Tv, Cv, hv, wv]
+            video_latent = spec.normalize_video(video_codec.encode(load_video(cfg.video, shapes)[None].to(device)))
     cond, neg_cond = build_conditions(cfg, meta, model, image, device)
     guidance = build_guidance(cfg.get("guidance"))
     sched = cfg.get("schedule") or {}
@@ -449,6 +438,7 @@ def sample_to_files(cfg) -> list[SampleResult]:
                 cond=cond, neg_cond=neg_cond, first_frame=first, video_latent=video_latent, audio_latent=audio_latent,
                 shift_video=float(sched.get("shift_video", 1.0)), shift_audio=float(sched.get("shift_audio", 1.0)),
                 progress=bool(cfg.get("progress", True)))
+            z_v, z_a = spec.denormalize_video(z_v), spec.denormalize_audio(z_a)
             if task != "a2v":
                 z_a = clamp_to_codec_range(z_a, audio_codec)
             with torch.inference_mode():
