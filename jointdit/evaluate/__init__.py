@@ -1,0 +1,19 @@
+"""Evaluation: weight-free sync and event metrics, distances, pretrained metrics from local folders.
+
+    from jointdit.evaluate import evaluate_clips, write_report, log_report, plot_sync, DetectorSettings
+
+``python -m jointdit.evaluate`` is the Hydra entry point (conf/evaluate.yaml).
+"""
+
+from jointdit.evaluate.evaluation import TASKS, EvalReport, evaluate_clips
+from jointdit.evaluate.events import event_accuracy, load_event_times
+from jointdit.evaluate.folder import read_folder, read_video_file
+from jointdit.evaluate.matching import accuracy, iou, match_events
+from jointdit.evaluate.motion import detect_video_events
+from jointdit.evaluate.onsets import detect_onsets
+from jointdit.evaluate.settings import DetectorSettings
+from jointdit.evaluate.sync import analyse_clip, sync_score
+
+__all__ = ["TASKS", "DetectorSettings", "EvalReport", "accuracy", "analyse_clip", "detect_onsets",
+           "detect_video_events", "evaluate_clips", "event_accuracy", "iou", "load_event_times", "match_events",
+           "read_folder", "read_video_file", "sync_score"]

@@ -1,0 +1,58 @@
+"""Read a folder of MP4s with audio as ``Clip``s, each at its own frame rate, size and length."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import av
+
+from jointdit.data.media import Clip, MediaError, read_clip
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
+
+
+def probe_video(path: str | os.PathLike) -> tuple[float, tuple[int, int], float]:
+    """(fps, (height, width), seconds) of a file's first video stream; seconds = frames / fps when known."""
+    path = Path(path)
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError(path, "no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 0)
+            if fps <= 0:
+                raise MediaError(path, "video stream has no frame rate")
+            if stream.frames:
+                seconds = stream.frames / fps
+            elif stream.duration is not None:
+                seconds = float(stream.duration * stream.time_base)
+            else:
+                seconds = container.duration / av.time_base
+            return fps, (stream.height, stream.width), float(seconds)
+    except (av.error.InvalidDataError, av.error.FFmpegError) as err:
+        raise MediaError(path, f"cannot be opened as media ({err})") from err
+
+
+def list_videos(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
+    """Video files under ``folder``, sorted by path; an empty or missing folder is an error naming it."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such folder of clips")
+    pattern = "**/*" if recursive else "*"
+    files = sorted(p for p in folder.glob(pattern) if p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith("."))
+    if not files:
+        raise FileNotFoundError(f"{folder}: holds no video files ({', '.join(VIDEO_SUFFIXES)})")
+    return files
+
+
+def read_video_file(path: str | os.PathLike, sample_rate: int = 16000) -> Clip:
+    """One file at its native fps and size; audio resampled to ``sample_rate`` mono."""
+    fps, size, seconds = probe_video(path)
+    return read_clip(path, fps=fps, size=size, seconds=seconds, sample_rate=sample_rate)
+
+
+def read_folder(folder: str | os.PathLike, sample_rate: int = 16000, limit: int | None = None) -> list[Clip]:
+    """Every video under ``folder`` (sorted), read with ``read_video_file``."""
+    files = list_videos(folder)
+    return [read_video_file(p, sample_rate) for p in files[: limit or None]]
