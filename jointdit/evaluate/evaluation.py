@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jointdit.data.media import Clip
+from jointdit.errors import DataError
 from jointdit.evaluate.distances import distances as distance_figures
 from jointdit.evaluate.events import event_accuracy
 from jointdit.evaluate.settings import DetectorSettings
@@ -116,7 +117,7 @@ def evaluate_clips(
             for modality, prefix in (("audio", "real_onset_"), ("video", "real_event_")):
                 try:
                     pooled, _ = event_accuracy(ref, events, modality, settings)
-                except ValueError as err:
+                except DataError as err:
                     notes.append(f"{prefix.rstrip('_')}: {err}")
                     break
                 summary.update(_rates(pooled.to_dict(prefix)))

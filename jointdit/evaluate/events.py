@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jointdit.errors import DataError
 from jointdit.evaluate.matching import Accuracy, accuracy_from_counts, match_events
 from jointdit.evaluate.settings import DetectorSettings
 from jointdit.evaluate.sync import ClipAnalysis
@@ -28,14 +29,14 @@ def load_event_times(metadata: str | os.PathLike) -> dict[str, list[float]]:
     if path.is_dir():
         path = path / "metadata.jsonl"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no metadata.jsonl with event times (the synthetic set writes one)")
+        raise DataError(f"{path}: no metadata.jsonl with event times (the synthetic set writes one)")
     out: dict[str, list[float]] = {}
     for number, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         row = json.loads(line)
         if "id" not in row or "events" not in row:
-            raise ValueError(f"{path}:{number}: a row needs 'id' and 'events', got keys {sorted(row)}")
+            raise DataError(f"{path}:{number}: a row needs 'id' and 'events', got keys {sorted(row)}")
         out[str(row["id"])] = [float(t) for t in row["events"]]
     return out
 
@@ -75,7 +76,7 @@ def event_accuracy(analyses: Sequence[ClipAnalysis], references: Mapping[str, Se
         clip = accuracy_from_counts(match.matched, len(pred), len(ref), match.offsets)
         rows.append({"name": analysis.name, "reference": key, **clip.to_dict()})
     if analyses and not rows:
-        raise ValueError(f"none of the clip names ({analyses[0].name!r}, ...) matches an id in the event metadata "
+        raise DataError(f"none of the clip names ({analyses[0].name!r}, ...) matches an id in the event metadata "
                          f"(ids look like {next(iter(references), '<none>')!r}); name clips <id>.mp4 or <id>_<anything>.mp4")
     pooled = accuracy_from_counts(matched, num_pred, num_ref, np.concatenate(offsets) if offsets else np.zeros(0))
     return pooled, rows

@@ -8,6 +8,7 @@ from pathlib import Path
 import av
 
 from jointdit.data.media import Clip, MediaError, read_clip
+from jointdit.errors import DataError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 
@@ -35,14 +36,15 @@ def probe_video(path: str | os.PathLike) -> tuple[float, tuple[int, int], float]
 
 
 def list_videos(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
-    """Video files under ``folder``, sorted by path; an empty or missing folder is an error naming it."""
+    """Video files under ``folder``, sorted by path; an empty or missing folder is a ``DataError`` naming it."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder of clips")
+        raise DataError(f"{folder}: no such folder of clips", hint="samples_dir= names a folder of MP4s with audio")
     pattern = "**/*" if recursive else "*"
     files = sorted(p for p in folder.glob(pattern) if p.suffix.lower() in VIDEO_SUFFIXES and not p.name.startswith("."))
     if not files:
-        raise FileNotFoundError(f"{folder}: holds no video files ({', '.join(VIDEO_SUFFIXES)})")
+        raise DataError(f"{folder}: holds no video files ({', '.join(VIDEO_SUFFIXES)})",
+                        hint="samples_dir= names a folder of MP4s with audio")
     return files
 
 

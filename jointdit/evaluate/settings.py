@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from jointdit.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DetectorSettings:
@@ -57,14 +59,14 @@ class DetectorSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(cfg) - known)
         if unknown:
-            raise ValueError(f"unknown detector setting(s) {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown detector setting(s) {unknown}", hint=f"known: {sorted(known)}")
         values = dict(cfg)
         if "video_sources" in values:
             sources = values["video_sources"]
             values["video_sources"] = (sources,) if isinstance(sources, str) else tuple(sources)
             bad = set(values["video_sources"]) - {"acceleration", "energy"}
             if bad or not values["video_sources"]:
-                raise ValueError(f"video_sources must be a non-empty subset of [acceleration, energy], got {sources}")
+                raise ConfigError(f"detector.video_sources must be a non-empty subset of [acceleration, energy], got {sources}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

@@ -57,12 +57,13 @@ def test_folder_mode_writes_tables_plots_and_an_mlflow_run(compose_cfg, tmp_path
 
 
 def test_an_empty_folder_is_an_error_naming_it(compose_cfg, tmp_path, synthetic_root):
+    from jointdit.errors import DataError
     from jointdit.evaluate.cli import run
 
     (tmp_path / "empty").mkdir()
     cfg = compose_cfg("evaluate", [f"samples_dir={tmp_path / 'empty'}", f"data.root={synthetic_root}",
                                    "data.num_clips=8", f"out_dir={tmp_path / 'o'}"])
-    with pytest.raises(FileNotFoundError, match="empty.*holds no video files"):
+    with pytest.raises(DataError, match="empty.*holds no video files"):
         run(cfg)
 
 
