@@ -7,6 +7,7 @@ MLflow cannot be reached, a warning is printed once and training carries on with
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -52,15 +53,24 @@ def _resolve_leaf(cfg: DictConfig, key: str, raw: Any) -> Any:
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow's UI then opens the experiment on runs and charts, not GenAI
+
+
 def _experiment_id(client, name: str, lock_dir: Path | None) -> str:
-    """Get or create the experiment; parallel jobs on one sqlite store race here, so take a file lock."""
+    """Get or create the experiment as a model-training one; parallel jobs on one sqlite store race here,
+    so take a file lock."""
     from filelock import FileLock
 
     lock_path = (lock_dir or Path.home()) / ".jointdit-mlflow.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(lock_path), timeout=60):
         experiment = client.get_experiment_by_name(name)
-        return experiment.experiment_id if experiment else client.create_experiment(name)
+        if experiment is None:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before this tag existed
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        return experiment.experiment_id
 
 
 def _check_server(uri: str, timeout: float) -> None:
@@ -83,7 +93,9 @@ class Tracker:
                  parent_run_id: str | None = None, tags: dict[str, str] | None = None):
         self.client = None
         self.run_id: str | None = None
+        self.tracking_uri: str | None = None
         self._warned = False
+        self._monitor = None
         if logger_cfg is None or logger_cfg.get("name", "none") == "none":
             return
         self._guard(self._start, logger_cfg, run_name, parent_run_id, tags or {})
@@ -104,7 +116,7 @@ class Tracker:
         if parent_run_id:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
         run = client.create_run(experiment_id, run_name=run_name or logger_cfg.get("run_name"), tags=tags)
-        self.client, self.run_id = client, run.info.run_id
+        self.client, self.run_id, self.tracking_uri = client, run.info.run_id, uri
 
     def _guard(self, fn, *args, **kwargs):
         """Call ``fn``; on any MLflow failure warn once and switch tracking off."""
@@ -148,7 +160,28 @@ class Tracker:
             method = self.client.log_artifacts if Path(path).is_dir() else self.client.log_artifact
             self._guard(method, self.run_id, str(path), artifact_path)
 
+    def start_system_metrics(self, interval: float = 10.0) -> None:
+        """MLflow's system metrics (CPU/GPU utilisation and memory, ``system/*``) every ``interval`` s."""
+        if not self.active or self._monitor is not None:
+            return
+
+        def start():
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, samples_before_logging=1,
+                                           tracking_uri=self.tracking_uri)
+            monitor.start()
+            self._monitor = monitor
+
+        self._guard(start)
+
     def end(self, status: str = "FINISHED") -> None:
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            try:
+                monitor.finish()
+            except Exception:  # noqa: BLE001 - the run is ending anyway
+                pass
         if self.active:
             self._guard(self.client.set_terminated, self.run_id, status)
         self.client, self.run_id = None, None
@@ -164,17 +197,168 @@ def swept_keys(overrides: list[str]) -> list[str]:
     return keys
 
 
-def job_run_name(default: str = "run") -> str:
-    """A sweep job is named by the values it sweeps (``optim.lr=0.001``); a single run by ``default``."""
+NAME_NOISE = ("hydra.", "paths.", "logger.", "experiment", "hparams_search")  # not part of a run's name
+
+
+def _hydra_cfg():
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        hydra_cfg = HydraConfig.get()
+        return HydraConfig.get()
     except ValueError:  # not inside a Hydra app
+        return None
+
+
+def _experiment_choice(hydra_cfg) -> str | None:
+    choice = hydra_cfg.runtime.choices.get("experiment") if hydra_cfg is not None else None
+    return None if choice in (None, "null") else str(choice)
+
+
+def job_run_name(default: str = "run") -> str:
+    """The run name: the experiment preset plus the overrides, e.g. ``demo stage=b,vram=48gb``.
+
+    A sweep job names only the values the sweep varies (``optim.lr=0.001``), so its siblings differ at a
+    glance; bookkeeping overrides (``hydra.*``, ``paths.*``, ``logger.*``) are left out. Outside Hydra: ``default``.
+    """
+    hydra_cfg = _hydra_cfg()
+    if hydra_cfg is None:
         return default
+    overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(NAME_NOISE)]
     swept = set(filter(None, os.environ.get(SWEPT_ENV, "").split(",")))
-    chosen = [o for o in hydra_cfg.overrides.task if o.partition("=")[0].lstrip("+~") in swept]
-    return ",".join(chosen) or hydra_cfg.job.override_dirname or default
+    if swept:
+        overrides = [o for o in overrides if o.partition("=")[0].lstrip("+~") in swept]
+    parts = [p for p in (_experiment_choice(hydra_cfg), ",".join(overrides)) if p]
+    return " ".join(parts) or default
+
+
+def _git(*args: str) -> str | None:
+    import subprocess
+
+    from jointdit.config import CONFIG_DIR
+
+    try:
+        out = subprocess.run(["git", "-C", str(CONFIG_DIR.parent), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def run_tags(cfg: DictConfig, source: str = "jointdit.train") -> dict[str, str]:
+    """Who ran what: source, git commit and dirty flag, user, host, the Hydra overrides, the experiment
+    preset, the config's ``tags`` (each as a tag of its own, and all in ``jointdit.tags``), and the task mix."""
+    import getpass
+    import socket
+
+    tags = {"mlflow.source.name": source, "mlflow.source.type": "LOCAL", "host": socket.gethostname()}
+    try:
+        tags["mlflow.user"] = getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name in some containers
+        pass
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        tags["git.dirty"] = str(bool(status)).lower() if status is not None else "unknown"
+        branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+        if branch:
+            tags["mlflow.source.git.branch"] = branch
+    hydra_cfg = _hydra_cfg()
+    if hydra_cfg is not None:
+        tags["hydra.overrides"] = " ".join(hydra_cfg.overrides.task)
+        tags["experiment"] = _experiment_choice(hydra_cfg) or "none"
+    user_tags = [str(t) for t in (cfg.get("tags") or [])]
+    if user_tags:
+        tags["jointdit.tags"] = ",".join(user_tags)
+        tags.update({t: "true" for t in user_tags if t not in tags})
+    for key in ("stage.name", "model.preset", "data.name", "codec.name"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            tags[key.split(".")[0]] = str(value)
+    mix = OmegaConf.select(cfg, "objective.tasks", default=None)
+    if mix:
+        probs = {k: float(v) for k, v in OmegaConf.to_container(mix, resolve=True).items()}
+        total = sum(probs.values()) or 1.0
+        tags["task_mix"] = ",".join(f"{k}={v / total:.3g}" for k, v in probs.items() if v > 0)
+    return tags
+
+
+def run_params(cfg: DictConfig, model_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The resolved config, flattened; ``model.*`` values left ``null`` in the config (the preset's or the
+    data's choice) are the values the built model actually has. Keys still ``None`` are not logged."""
+    params = flatten(cfg)
+    for key, value in (model_config or {}).items():
+        name = f"model.{key}"
+        if params.get(name, "missing") is None and value is not None:
+            params[name] = list(value) if isinstance(value, tuple) else value
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def dataset_digest(cache_dir: str | os.PathLike) -> str:
+    """sha256 of the cache's index and meta files (first 16 hex digits): the same cache, the same digest."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in ("index.jsonl", "meta.json"):
+        path = Path(cache_dir) / name
+        if path.exists():
+            digest.update(name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def log_dataset(tracker: "Tracker", cfg: DictConfig, cache_dir: str | os.PathLike, counts: dict[str, int],
+                shapes: dict[str, Any] | None = None) -> None:
+    """``mlflow.log_input`` for the latent cache: its path (source), data set and codec names, clip
+    counts per split and a content hash (digest); shown in the run's "Datasets used"."""
+    if not tracker.active:
+        return
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    profile = {"clips": counts, "codec": str(OmegaConf.select(cfg, "codec.name", default="")),
+               "data": str(OmegaConf.select(cfg, "data.name", default=""))}
+    schema = {"latent": shapes} if shapes else None
+    dataset = Dataset(name=f"{profile['data']}-{profile['codec']}", digest=dataset_digest(cache_dir),
+                      source_type="local", source=json.dumps({"uri": str(cache_dir)}),
+                      schema=json.dumps(schema, default=str) if schema else None, profile=json.dumps(profile))
+    entry = DatasetInput(dataset, tags=[InputTag("mlflow.data.context", "train")])
+    tracker._guard(tracker.client.log_inputs, tracker.run_id, datasets=[entry])
+
+
+def log_model(tracker: "Tracker", folder: str | os.PathLike, register_as: str | None = None) -> str | None:
+    """The exported model folder as the run's ``model`` artifact; with ``register_as``, also a new version of
+    that registered model (MLflow's model registry). Returns the version, if one was made."""
+    if not tracker.active or not Path(folder).is_dir():
+        return None
+    tracker.log_artifact(folder, "model")
+    if not register_as:
+        return None
+
+    def register() -> str:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            tracker.client.create_registered_model(register_as)
+        except MlflowException as err:
+            if "RESOURCE_ALREADY_EXISTS" not in str(err.error_code):
+                raise
+        run = tracker.client.get_run(tracker.run_id)
+        version = tracker.client.create_model_version(register_as, f"{run.info.artifact_uri}/model", tracker.run_id)
+        return str(version.version)
+
+    return tracker._guard(register)
+
+
+def open_run(cfg: DictConfig, is_main_process: bool = True, source: str = "jointdit.train") -> "Tracker":
+    """The job's MLflow run (rank 0 only; other ranks get an inactive tracker): named by
+    :func:`job_run_name`, tagged by :func:`run_tags`, with system metrics when ``logger.system_metrics``."""
+    logger_cfg = cfg.get("logger") if is_main_process else None
+    if logger_cfg is None or logger_cfg.get("name", "none") == "none":
+        return Tracker(None)
+    name = logger_cfg.get("run_name") or job_run_name(str(cfg.get("task_name", "run")))
+    tracker = Tracker(logger_cfg, run_name=name, tags=run_tags(cfg, source))
+    if logger_cfg.get("system_metrics", True):
+        tracker.start_system_metrics(float(logger_cfg.get("system_metrics_interval", 10)))
+    return tracker
 
 
 try:

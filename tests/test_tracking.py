@@ -66,3 +66,132 @@ def test_an_unreachable_server_warns_once_and_training_carries_on(tmp_path):
     assert result.stderr.count("MLflow is unavailable, carrying on without tracking") == 1
     assert (tmp_path / "run" / "export" / "last" / "config.json").exists()
     assert time.time() - started < 120  # MLflow's own retries alone would take about 4 minutes
+
+
+# ----------------------------------------------------------------------------------------------
+# Run identity, against a real sqlite store
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory) -> Path:
+    """An initialised MLflow sqlite file: creating the tables takes seconds, copying the file does not."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def hydra_job(tmp_path, monkeypatch, empty_store):
+    """A composed train config with Hydra's runtime config set, as inside `python -m jointdit.train ...`;
+    its MLflow store (tmp_path/mlflow.db) starts empty."""
+    import shutil
+
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from jointdit.config import CONFIG_DIR
+
+    for key in list(os.environ):
+        if key.startswith("JOINTDIT_"):
+            monkeypatch.delenv(key)
+
+    def _job(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose("train", overrides=[*overrides, f"paths.root_dir={tmp_path}"], return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield _job
+    HydraConfig.instance().cfg = None
+
+
+def _run(tmp_path, run_id):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    return client, client.get_run(run_id)
+
+
+def test_run_is_named_by_preset_and_overrides_and_tagged_with_its_origin(tmp_path, hydra_job):
+    from jointdit.tracking import open_run
+
+    cfg = hydra_job("experiment=demo", "stage=b", "vram=48gb", "tags=[demo,lr-study]", "logger.system_metrics=false")
+    tracker = open_run(cfg)
+    run_id = tracker.run_id
+    tracker.end()
+    client, run = _run(tmp_path, run_id)
+    assert run.info.run_name == "demo stage=b,vram=48gb,tags=[demo,lr-study]"
+    tags = run.data.tags
+    head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert tags["mlflow.source.git.commit"] == head.stdout.strip()
+    assert tags["git.dirty"] in ("true", "false") and tags["mlflow.source.name"] == "jointdit.train"
+    assert tags["mlflow.user"] and tags["host"] == socket.gethostname()
+    assert tags["hydra.overrides"].startswith("experiment=demo stage=b vram=48gb")
+    assert tags["jointdit.tags"] == "demo,lr-study" and tags["demo"] == "true" and tags["lr-study"] == "true"
+    assert tags["experiment"] == "demo" and tags["stage"] == "b"
+    assert tags["task_mix"] == "joint=0.55,a2v=0.15,v2a=0.15,i2sv=0.15"
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # UI opens on runs, not GenAI
+
+
+def test_an_existing_experiment_gets_the_training_kind(tmp_path, hydra_job):
+    from jointdit.tracking import open_run
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client.create_experiment("train")
+    tracker = open_run(hydra_job("logger.system_metrics=false"))
+    run_id = tracker.run_id
+    tracker.end()
+    assert client.get_experiment_by_name("train").tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_run(run_id).info.run_name == "train"  # no overrides: the task name
+
+
+def test_params_have_the_models_real_values_not_none(tmp_path, hydra_job):
+    from jointdit.models import build_model
+    from jointdit.tracking import flatten, run_params
+
+    cfg = hydra_job()
+    raw = flatten(cfg)
+    unset = sorted(k for k, v in raw.items() if k.startswith("model.") and v is None)
+    assert len(unset) >= 17  # what used to be logged as "None"
+    model = build_model("tiny", video_in_channels=12, audio_in_channels=1, video_latent_fps=8.0, audio_latent_fps=100.0)
+    params = run_params(cfg, dict(model.config))
+    assert not [k for k, v in params.items() if v is None]
+    for key in unset:
+        value = model.config[key.removeprefix("model.")]
+        if value is None:  # the model itself leaves it unset (rope_time_scale): not logged at all
+            assert key not in params
+        else:
+            assert params[key] == (list(value) if isinstance(value, tuple) else value), key
+    assert params["model.video_in_channels"] == 12 and params["model.hidden_size"] == model.config["hidden_size"]
+
+
+def test_dataset_model_registry_and_system_metrics_reach_mlflow(tmp_path, hydra_job):
+    import hashlib
+
+    from jointdit.tracking import log_dataset, log_model, open_run
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "index.jsonl").write_text('{"id": "a"}\n{"id": "b"}\n')
+    (cache / "meta.json").write_text('{"codec": "pixel_mel"}')
+    model_dir = tmp_path / "export"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    cfg = hydra_job("logger.system_metrics_interval=0.2", "logger.register_model=jointdit-demo")
+    tracker = open_run(cfg)
+    log_dataset(tracker, cfg, cache, {"train": 2, "val": 0}, {"video_shape": [4, 12, 8, 8]})
+    assert log_model(tracker, model_dir, "jointdit-demo") == "1"
+    time.sleep(1.5)
+    run_id = tracker.run_id
+    tracker.end()
+    client, run = _run(tmp_path, run_id)
+    (entry,) = run.inputs.dataset_inputs
+    expected = hashlib.sha256(b"index.jsonl" + (cache / "index.jsonl").read_bytes()
+                              + b"meta.json" + (cache / "meta.json").read_bytes()).hexdigest()[:16]
+    assert entry.dataset.digest == expected and entry.dataset.name == "synthetic-pixel_mel"
+    assert str(cache) in entry.dataset.source and '"train": 2' in entry.dataset.profile
+    assert "model/config.json" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    (version,) = client.search_model_versions("name='jointdit-demo'")
+    assert version.run_id == run.info.run_id
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics), run.data.metrics.keys()
