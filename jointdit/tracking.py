@@ -383,7 +383,9 @@ class MlflowSweepCallback(Callback):
             return
         sweep_dir = Path(config.hydra.sweep.dir)
         self.tracker = Tracker(logger_cfg, run_name=f"sweep {sweep_dir.name}", tags={"jointdit.sweep_dir": str(sweep_dir)})
-        os.environ[SWEPT_ENV] = ",".join(swept_keys(list(config.hydra.overrides.task)))
+        preset_params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+        swept = swept_keys(list(config.hydra.overrides.task)) + [str(k) for k in preset_params]  # + a preset's sweep
+        os.environ[SWEPT_ENV] = ",".join(dict.fromkeys(swept))
         if self.tracker.active:
             os.environ[PARENT_ENV] = self.tracker.run_id
             sweep_dir.mkdir(parents=True, exist_ok=True)
