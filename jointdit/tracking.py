@@ -86,6 +86,16 @@ def _lock_dir(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")).parent if uri.startswith("sqlite:///") else None
 
 
+def _store_lock(lock_dir: Path | None):
+    """Held while a client first touches the store: jobs starting together on a new mlflow.db would
+    otherwise all run its schema migration, and all but one lose their run (issue 15)."""
+    from filelock import FileLock
+
+    path = (lock_dir or Path.home()) / ".jointdit-mlflow-store.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path), timeout=120)
+
+
 class Tracker:
     """A run in MLflow, logged through ``MlflowClient`` so no global active run leaks between jobs."""
 
@@ -110,8 +120,9 @@ class Tracker:
         uri = str(logger_cfg.tracking_uri)
         if uri.startswith(("http://", "https://")):
             _check_server(uri, float(logger_cfg.get("connect_timeout", 5)))
-        client = MlflowClient(tracking_uri=uri)
-        experiment_id = _experiment_id(client, str(logger_cfg.experiment_name), _lock_dir(uri))
+        with _store_lock(_lock_dir(uri)):  # a fresh sqlite store is created and migrated by the client's first use
+            client = MlflowClient(tracking_uri=uri)
+            experiment_id = _experiment_id(client, str(logger_cfg.experiment_name), _lock_dir(uri))
         parent_run_id = parent_run_id or os.environ.get(PARENT_ENV)
         if parent_run_id:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}

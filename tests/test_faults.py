@@ -559,3 +559,43 @@ def test_bare_stage_b_without_stage_a_is_refused_before_any_work(tmp_path):
     assert "error: stage=b starts from a Stage A model" in result.stderr
     assert "train Stage A first: `python -m jointdit.train stage=a vram=48gb`" in result.stderr
     assert not (tmp_path / "data").exists()  # no data or cache work happened
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. MLflow: jobs starting together on a fresh mlflow.db all get their runs
+# ----------------------------------------------------------------------------------------------
+
+_START_RUN = """
+import sys, time, warnings
+from omegaconf import OmegaConf
+from jointdit.tracking import Tracker
+cfg = OmegaConf.create({"name": "mlflow", "tracking_uri": sys.argv[1], "experiment_name": "train"})
+while time.time() < float(sys.argv[2]):
+    time.sleep(0.001)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    tracker = Tracker(cfg, run_name="job")
+print("RUN", tracker.run_id, [str(w.message)[:300] for w in caught if "MLflow" in str(w.message)])
+tracker.end()
+"""
+
+
+@pytest.mark.slow  # four processes importing MLflow: ~30 s on a quiet 2-core machine, minutes on a busy one
+def test_jobs_starting_together_on_a_fresh_mlflow_db_all_get_their_runs(tmp_path):
+    """Without the store lock, 3 of 4 such jobs lost their run to the schema-migration race."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    start = time.time() + 6  # all four past their imports, then go at once
+    procs = [subprocess.Popen([PYTHON, "-c", _START_RUN, uri, str(start)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env) for _ in range(4)]
+    outputs = [proc.communicate(timeout=240) for proc in procs]
+    run_ids = []
+    for stdout, stderr in outputs:
+        line = next(line for line in stdout.splitlines() if line.startswith("RUN"))
+        assert line.startswith("RUN ") and "[]" in line and "None" not in line, (line, stderr[-2000:])
+        run_ids.append(line.split()[1])
+    client = MlflowClient(uri)
+    stored = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert sorted(r.info.run_id for r in stored) == sorted(run_ids) and len(set(run_ids)) == 4
