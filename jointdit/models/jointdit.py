@@ -11,7 +11,7 @@ every block; the two streams meet in ONE attention over [video; audio; context] 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,6 +41,8 @@ from jointdit.models.embed import (
     unpatchify_video,
 )
 from jointdit.models.rope import JointRope, apply_rope
+
+SkipArg = Sequence[int] | Sequence[Sequence[int] | None] | None
 
 #################################################################################
 #                                  Size presets                                 #
@@ -161,10 +163,16 @@ class JointBlock(nn.Module):
         c_v: Tensor, c_a: Tensor,
         rope_v: Tensor, rope_a: Tensor,
         mode: str | list[str], video_time_steps: int, audio_time_steps: int, knobs: AttentionKnobs,
+        skip_attention: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
+        """One block; ``skip_attention [B]`` (bool) drops the attention residual of the marked samples
+        (STG's perturbed branch: ``x ← x`` instead of ``x ← x + gate·W_o·Attn``, both modalities)."""
         # 1. adaLN-Zero parameters, each modality from its OWN timestep (+ pooled condition)
         sv1, cv1, gv1, sv2, cv2, gv2 = self.video.modulation(c_v)      # 6 × [B, Gv, 1, D]
         sa1, ca1, ga1, sa2, ca2, ga2 = self.audio.modulation(c_a)      # 6 × [B, 1, 1, D]
+        if skip_attention is not None:
+            keep = (~skip_attention).to(gv1.dtype)[:, None, None, None]  # [B, 1, 1, 1]
+            gv1, ga1 = gv1 * keep, ga1 * keep
 
         # 2. per-modality QKV experts (QK-norm + RoPE); context gives keys/values only, no RoPE
         q_v, k_v, v_v = self.video.qkv_heads(x_v, sv1, cv1, rope_v)    # 3 × [B, H, Nv, Dh]
@@ -247,7 +255,8 @@ class JointDiT(ModelMixin, ConfigMixin):
         self.audio_out = FinalLayer(hidden_size, self.audio_patch_dim)
 
         self.rope = JointRope(hidden_size // num_heads, pt / video_latent_fps, pa / audio_latent_fps,
-                              theta=rope_theta, time_scale=rope_time_scale)
+                              theta=rope_theta, time_scale=rope_time_scale,
+                              video_steps_per_token=pt, audio_steps_per_token=pa)
         self._rope_cache: dict[tuple, Tensor] = {}
         self.knobs = AttentionKnobs()
         self.gradient_checkpointing = False
@@ -348,6 +357,49 @@ class JointDiT(ModelMixin, ConfigMixin):
         return t.view(batch, steps // self.audio_patch[0], self.audio_patch[0]).mean(-1)
 
     # ------------------------------------------------------------------------------------------
+    def _skip_masks(self, skip: SkipArg, batch: int, device: torch.device) -> dict[int, Tensor]:
+        """``skip_attention_blocks`` → ``{block index: [B] bool}`` (only blocks some sample skips)."""
+        if skip is None:
+            return {}
+        items = list(skip)
+        per_sample = bool(items) and not all(isinstance(i, int) for i in items)
+        rows = items if per_sample else [items] * batch
+        if len(rows) != batch:
+            raise ValueError(f"per-sample skip_attention_blocks has {len(rows)} entries for a batch of {batch}")
+        depth = len(self.blocks)
+        masks: dict[int, Tensor] = {}
+        for i, row in enumerate(rows):
+            for idx in row or ():
+                idx = int(idx)
+                if not -depth <= idx < depth:
+                    raise ValueError(f"skip_attention_blocks names block {idx}; the model has {depth} blocks")
+                masks.setdefault(idx % depth, torch.zeros(batch, dtype=torch.bool, device=device))[i] = True
+        return masks
+
+    def _rope_for(self, kind: str, grid: tuple[int, ...], times: Tensor | None, device: torch.device,
+                  dtype: torch.dtype) -> Tensor:
+        """Rotation table for a token grid; ``times`` are LATENT centre times ``[T]`` or ``[B, T]`` in seconds."""
+        if times is None:
+            return self._rope(kind, grid, device, dtype)
+        patch_t = self.video_patch[0] if kind == "video" else self.audio_patch[0]
+        t = torch.as_tensor(times).detach().to("cpu", torch.float64)
+        if t.ndim == 2 and bool((t == t[:1]).all()):
+            t = t[0]                                                   # one shared row: one cached table
+        if t.shape[-1] != grid[0] * patch_t:
+            raise ValueError(f"{kind}_times has {t.shape[-1]} latent times; the {kind} latent has "
+                             f"{grid[0] * patch_t} time steps")
+        token_t = JointRope.token_times(t, patch_t)                    # [Tt] or [B, Tt]
+        if token_t.ndim == 2:
+            fn = self.rope.video if kind == "video" else self.rope.audio
+            return fn(*grid, device=device, dtype=dtype, times=token_t)  # [B, N, 1, P]
+        key = (kind, grid, device, dtype, token_t.numpy().tobytes())
+        if key not in self._rope_cache:
+            if len(self._rope_cache) > 64:
+                self._rope_cache.clear()
+            fn = self.rope.video if kind == "video" else self.rope.audio
+            self._rope_cache[key] = fn(*grid, device=device, dtype=dtype, times=token_t)
+        return self._rope_cache[key]
+
     def forward(
         self,
         z_video: Tensor,
@@ -356,6 +408,10 @@ class JointDiT(ModelMixin, ConfigMixin):
         t_audio: Tensor,
         cond: Condition | None = None,
         mode: ModeArg = "full",
+        *,
+        video_times: Tensor | None = None,
+        audio_times: Tensor | None = None,
+        skip_attention_blocks: SkipArg = None,
     ) -> tuple[Tensor, Tensor]:
         """Velocities ``(v_video [B,Tv,Cv,hv,wv], v_audio [B,Ca,La,Fa])`` for noisy latents at times t.
 
@@ -363,10 +419,18 @@ class JointDiT(ModelMixin, ConfigMixin):
         (per latent step); all in [0, 1] (0 = clean). Per-frame/position/step times are averaged within a patch.
         cond: CLIP features with per-sample drop flags, or None (all conditions null).
         mode: "full" | "iso_v" | "iso_a" | "iso", or one such string per sample.
+        video_times [Tv] or [B, Tv], audio_times [La] or [B, La]: the centre time in seconds of what each
+            latent step covers (``LatentSpec.video_latent_times()`` / ``audio_latent_times()``). A token's
+            RoPE time is the mean over its temporal patch, so tokens that cover the same instant share a
+            phase. None: latent step ``i`` at ``i / latent_fps`` (a frame shown at ``i/fps``; a centred
+            STFT frame on sample ``i·hop``).
+        skip_attention_blocks: STG's perturbation. Block indices whose attention residual is dropped for
+            every sample, or one list (or None) per sample.
         """
         b = z_video.shape[0]
         grid_v, grid_a = self.grids(z_video, z_audio)
         mode = normalize_mode(mode, b)
+        skips = self._skip_masks(skip_attention_blocks, b, z_video.device)
         dtype, device = self.video_in.proj.weight.dtype, z_video.device
 
         x_v = self.video_in(patchify_video(z_video.to(dtype), self.video_patch))          # [B, Nv, D]
@@ -377,11 +441,12 @@ class JointDiT(ModelMixin, ConfigMixin):
                                tuple(z_video.shape[3:]))                                  # [B, Gv]
         c_v = self.time_embed(t_v) + pooled[:, None]                                      # [B, Gv, D]
         c_a = self.time_embed(t_a) + pooled[:, None]                                      # [B, Ga, D]
-        rope_v = self._rope("video", grid_v, device, dtype)                               # [Nv, 1, Dh/2] complex
-        rope_a = self._rope("audio", grid_a, device, dtype)                               # [Na, 1, Dh/2] complex
+        rope_v = self._rope_for("video", grid_v, video_times, device, dtype)              # [(B,) Nv, 1, Dh/2] complex
+        rope_a = self._rope_for("audio", grid_a, audio_times, device, dtype)              # [(B,) Na, 1, Dh/2] complex
 
-        for block in self.blocks:
-            args = (x_v, x_a, ctx, c_v, c_a, rope_v, rope_a, mode, grid_v[0], grid_a[0], self.knobs)
+        for index, block in enumerate(self.blocks):
+            args = (x_v, x_a, ctx, c_v, c_a, rope_v, rope_a, mode, grid_v[0], grid_a[0], self.knobs,
+                    skips.get(index))
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x_v, x_a = checkpoint(block, *args, use_reentrant=False)                  # [B, Nv, D], [B, Na, D]
             else:

@@ -78,6 +78,8 @@ class JointRope:
         theta: base of the geometric frequency bands.
         time_scale: radians per second of the fastest time band; by default the finer of the two token
             rates (tokens/s), so adjacent tokens of the faster modality are one radian apart.
+        video_steps_per_token / audio_steps_per_token: latent time steps per token (the temporal patch),
+            used only for the default token times when none are given.
     """
 
     def __init__(
@@ -87,10 +89,13 @@ class JointRope:
         audio_seconds_per_token: float,
         theta: float = 10000.0,
         time_scale: float | None = None,
+        video_steps_per_token: int = 1,
+        audio_steps_per_token: int = 1,
     ) -> None:
         self.planes = split_planes(head_dim)
         self.video_dt = float(video_seconds_per_token)
         self.audio_dt = float(audio_seconds_per_token)
+        self.video_steps, self.audio_steps = int(video_steps_per_token), int(audio_steps_per_token)
         if time_scale is None:
             time_scale = 1.0 / min(self.video_dt, self.audio_dt)
         p = self.planes
@@ -100,19 +105,47 @@ class JointRope:
         self.freq_freqs = band_frequencies(p.freq, theta)
 
     # -- positions -------------------------------------------------------------------------------
-    def video_positions(self, grid_t: int, grid_h: int, grid_w: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Token (time seconds, row, column) in the (t, h, w) row-major order of the patch embedding."""
-        t = (torch.arange(grid_t, dtype=torch.float64) + 0.5) * self.video_dt  # patch centre in seconds
+    @staticmethod
+    def token_times(latent_times: Tensor, patch_t: int) -> Tensor:
+        """Latent centre times ``[..., T]`` (seconds) → token times ``[..., T // patch_t]``.
+
+        A token covers ``patch_t`` consecutive latent steps; its time is their mean, i.e. the centre of
+        what it covers. ``T`` must be a multiple of ``patch_t``.
+        """
+        t = torch.as_tensor(latent_times, dtype=torch.float64)
+        if t.shape[-1] % patch_t:
+            raise ValueError(f"{t.shape[-1]} latent times are not a whole number of temporal patches of {patch_t}")
+        return t.unflatten(-1, (-1, patch_t)).mean(-1)
+
+    def video_positions(self, grid_t: int, grid_h: int, grid_w: int,
+                        times: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Token (time seconds, row, column) in the (t, h, w) row-major order of the patch embedding.
+
+        ``times [grid_t]`` are the tokens' centre times in seconds; by default token ``k`` is at
+        ``(k + (1 − 1/p)/2)·dt`` with ``dt`` the token span and ``p`` latent steps per token, i.e. latent
+        step ``i`` is an instant at ``i·dt/p`` (a video frame shown at ``i/fps``) and a token is the mean
+        of its steps.
+        """
+        t = self._default_times(grid_t, self.video_dt, self.video_steps) if times is None else _times(times, grid_t)
         t, h, w = torch.meshgrid(
             t, torch.arange(grid_h, dtype=torch.float64), torch.arange(grid_w, dtype=torch.float64), indexing="ij"
         )
         return t.flatten(), h.flatten(), w.flatten()
 
-    def audio_positions(self, grid_t: int, grid_f: int) -> tuple[Tensor, Tensor]:
-        """Token (time seconds, mel bin) in the (t, f) row-major order of the patch embedding."""
-        t = (torch.arange(grid_t, dtype=torch.float64) + 0.5) * self.audio_dt
+    def audio_positions(self, grid_t: int, grid_f: int, times: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Token (time seconds, mel bin) in the (t, f) row-major order of the patch embedding.
+
+        ``times [grid_t]``: token centre times in seconds; by default latent step ``j`` is centred at
+        ``j·dt/p`` (a centred STFT frame ``j`` sits on sample ``j·hop``) and a token is the mean of its steps.
+        """
+        t = self._default_times(grid_t, self.audio_dt, self.audio_steps) if times is None else _times(times, grid_t)
         t, f = torch.meshgrid(t, torch.arange(grid_f, dtype=torch.float64), indexing="ij")
         return t.flatten(), f.flatten()
+
+    @staticmethod
+    def _default_times(grid_t: int, token_dt: float, steps: int) -> Tensor:
+        step_dt = token_dt / steps
+        return JointRope.token_times(torch.arange(grid_t * steps, dtype=torch.float64) * step_dt, steps)
 
     # -- angles ------------------------------------------------------------------------------------
     def angles(
@@ -140,13 +173,27 @@ class JointRope:
             dim=1,
         )
 
-    def video(self, grid_t: int, grid_h: int, grid_w: int, device=None, dtype=torch.float32) -> Tensor:
-        t, h, w = self.video_positions(grid_t, grid_h, grid_w)
+    def video(self, grid_t: int, grid_h: int, grid_w: int, device=None, dtype=torch.float32,
+              times: Tensor | None = None) -> Tensor:
+        """Rotation table ``[N, 1, P]`` (or ``[B, N, 1, P]`` for per-sample ``times [B, grid_t]``)."""
+        if times is not None and torch.as_tensor(times).ndim == 2:
+            return torch.stack([self.video(grid_t, grid_h, grid_w, device, dtype, row) for row in times])
+        t, h, w = self.video_positions(grid_t, grid_h, grid_w, times)
         return rotation_table(self.angles(t, height=h, width=w), device, dtype)
 
-    def audio(self, grid_t: int, grid_f: int, device=None, dtype=torch.float32) -> Tensor:
-        t, f = self.audio_positions(grid_t, grid_f)
+    def audio(self, grid_t: int, grid_f: int, device=None, dtype=torch.float32, times: Tensor | None = None) -> Tensor:
+        """Rotation table ``[N, 1, P]`` (or ``[B, N, 1, P]`` for per-sample ``times [B, grid_t]``)."""
+        if times is not None and torch.as_tensor(times).ndim == 2:
+            return torch.stack([self.audio(grid_t, grid_f, device, dtype, row) for row in times])
+        t, f = self.audio_positions(grid_t, grid_f, times)
         return rotation_table(self.angles(t, freq=f), device, dtype)
+
+
+def _times(times: Tensor, grid_t: int) -> Tensor:
+    t = torch.as_tensor(times).detach().to("cpu", torch.float64).reshape(-1)
+    if t.numel() != grid_t:
+        raise ValueError(f"got {t.numel()} token times for a time grid of {grid_t} tokens")
+    return t
 
 
 def rotation_table(angles: Tensor, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -160,7 +207,7 @@ def rotation_table(angles: Tensor, device=None, dtype: torch.dtype = torch.float
 
 
 def apply_rope(x: Tensor, table: Tensor) -> Tensor:
-    """Rotate ``x [B, N, H, Dh]`` by ``table [N, 1, Dh/2]`` (complex): ``z_j ← z_j · e^{iθ_j}``."""
+    """Rotate ``x [B, N, H, Dh]`` by ``table [N, 1, Dh/2]`` or ``[B, N, 1, Dh/2]`` (complex): ``z_j ← z_j · e^{iθ_j}``."""
     # Complex views need float32/64; half-precision inputs (autocast) rotate in float32 and cast back.
     xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
     out = torch.view_as_real(torch.view_as_complex(xf.unflatten(-1, (-1, 2))) * table).flatten(-2)

@@ -57,17 +57,35 @@ def test_score_depends_only_on_offset(axis):
 
 def test_cooccurring_video_and_audio_tokens_share_time_phase():
     r = rope()
-    tv, hv, wv = r.video_positions(grid_t=8, grid_h=2, grid_w=3)
-    ta, fa = r.audio_positions(grid_t=8, grid_f=4)
-    # patch centres in seconds: video frame j and audio token j both cover [0.25 j, 0.25 (j+1))
-    assert torch.allclose(tv.unique(), ta.unique()) and torch.allclose(ta.unique(), (torch.arange(8, dtype=torch.float64) + 0.5) * 0.25)
+    # token centre times given explicitly (what the model derives from LatentSpec's latent times)
+    times = torch.arange(8, dtype=torch.float64) * 0.25 + 0.1
+    tv, hv, wv = r.video_positions(grid_t=8, grid_h=2, grid_w=3, times=times)
+    ta, fa = r.audio_positions(grid_t=8, grid_f=4, times=times)
+    assert torch.equal(tv.unique(), times) and torch.equal(ta.unique(), times)
     ang_v = r.angles(tv, height=hv, width=wv)
     ang_a = r.angles(ta, freq=fa)
     nt = r.planes.time
     for j in range(8):
-        v_rows = ang_v[tv == tv.unique()[j], :nt]
-        a_rows = ang_a[ta == ta.unique()[j], :nt]
+        v_rows = ang_v[tv == times[j], :nt]
+        a_rows = ang_a[ta == times[j], :nt]
         assert torch.equal(v_rows[:1].expand_as(v_rows), v_rows) and torch.equal(v_rows[:1], a_rows[:1])
+        assert torch.equal(v_rows[0], times[j] * r.time_freqs)  # angle = seconds x band frequency
+
+
+def test_default_token_times_are_means_of_latent_instants():
+    # latent step i is an instant at i/rate (video frame shown at i/fps, centred STFT frame on i*hop);
+    # a token is the mean of its patch: video patch 2 at 8 fps -> (2k + 0.5)/8; audio patch 4 at 100 fps -> (4j + 1.5)/100
+    r = JointRope(HEAD_DIM, 2 / 8, 4 / 100, video_steps_per_token=2, audio_steps_per_token=4)
+    tv, _, _ = r.video_positions(3, 1, 1)
+    ta, _ = r.audio_positions(3, 1)
+    torch.testing.assert_close(tv, torch.tensor([0.0625, 0.3125, 0.5625], dtype=torch.float64))
+    torch.testing.assert_close(ta, torch.tensor([0.015, 0.055, 0.095], dtype=torch.float64))
+    torch.testing.assert_close(JointRope.token_times(torch.tensor([0.0, 0.1, 0.2, 0.3]), 2),
+                               torch.tensor([0.05, 0.25], dtype=torch.float64))
+    with pytest.raises(ValueError, match="whole number of temporal patches"):
+        JointRope.token_times(torch.zeros(5), 2)
+    with pytest.raises(ValueError, match="3 token times for a time grid of 4"):
+        r.video_positions(4, 1, 1, times=torch.zeros(3))
 
 
 def test_time_is_in_seconds_not_token_index():
