@@ -2,7 +2,9 @@
 
 Path: ``x_t = (1 - t)·x0 + t·ε`` with ``t ∈ [0, 1]`` (t = 0 is data), so the velocity the model
 learns is ``dx_t/dt = ε − x0``. Each modality draws its own ``t`` from a logit-normal density
-(``sigmoid(N(μ, σ))``, as in SD3).
+(``sigmoid(N(μ, σ))``, as in SD3). A timestep shift ``s`` (:mod:`jointdit.diffusion.schedule`) maps
+``t ↦ s·t / (1 + (s − 1)·t)``; since ``logit(s·t/(1+(s−1)t)) = logit(t) + ln s``, training with shift
+``s`` is the logit-normal with mean ``μ + ln s`` — the same warp the sampler applies to its sigmas.
 
 Tasks, one per training sample, so that one model serves four uses:
 
@@ -14,16 +16,26 @@ task          what is clean (t = 0, no loss)          what is generated
 ``v2a``       the video                               audio from video
 ``i2sv``      the first latent video frame            the rest of the video, and audio
 ============  =====================================  ==========================
+
+Attention modes, one per training sample (``iso_prob``): besides ``full``, a sample may be drawn in
+``iso_v`` / ``iso_a`` / ``iso`` mode (see :mod:`jointdit.models.attention`), with the same target. An
+isolated modality then learns the velocity of its own marginal, which is the branch JointCFG subtracts
+(``pos − iso``); a model never trained in ``iso`` mode has an unsupervised iso branch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
+from jointdit.models.attention import MODES  # ("full", "iso_v", "iso_a", "iso")
+
 TASKS: tuple[str, ...] = ("joint", "a2v", "v2a", "i2sv")
+IsoProb = float | Mapping[str, float] | None
 
 
 @dataclass
@@ -39,6 +51,7 @@ class FlowBatch:
     mask_video: torch.Tensor  # [B, Tv]  1 where the video loss counts
     mask_audio: torch.Tensor  # [B]      1 where the audio loss counts
     tasks: torch.Tensor  # [B] index into TASKS
+    modes: list[str] = field(default_factory=list)  # [B] attention mode per sample (MODES); the model's `mode`
 
 
 def sample_tasks(probabilities: dict[str, float], batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -51,6 +64,46 @@ def sample_tasks(probabilities: dict[str, float], batch_size: int, generator: to
         raise ValueError(f"task probabilities must be non-negative and not all zero, got {dict(probabilities)}")
     device = generator.device if generator is not None else "cpu"
     return torch.multinomial((weights / weights.sum()).to(device), batch_size, replacement=True, generator=generator)
+
+
+def mode_probabilities(iso_prob: IsoProb) -> dict[str, float]:
+    """``iso_prob`` → probability of each attention mode (``full`` takes the rest).
+
+    A number ``p`` means ``{"iso": p}`` (both modalities blind to each other; its video output is the
+    ``iso_v`` branch and its audio output the ``iso_a`` branch of JointCFG). A mapping names modes
+    among ``iso_v``, ``iso_a``, ``iso``.
+    """
+    if iso_prob is None:
+        probs = {}
+    elif isinstance(iso_prob, Mapping):
+        probs = {str(k): float(v) for k, v in iso_prob.items()}
+    else:
+        probs = {"iso": float(iso_prob)}
+    unknown = set(probs) - set(MODES[1:])
+    if unknown:
+        raise ValueError(f"unknown attention mode(s) {sorted(unknown)} in iso_prob; choose from {list(MODES[1:])}")
+    if any(p < 0 for p in probs.values()) or sum(probs.values()) > 1 + 1e-9:
+        raise ValueError(f"iso_prob must be non-negative and sum to at most 1, got {probs}")
+    out = {m: probs.get(m, 0.0) for m in MODES[1:]}
+    return {"full": max(0.0, 1.0 - sum(out.values())), **out}
+
+
+def trained_iso(iso_prob: IsoProb) -> tuple[bool, bool]:
+    """Whether a model trained with ``iso_prob`` learned JointCFG's video iso branch (``iso_v`` or ``iso``
+    mode drawn) and its audio iso branch (``iso_a`` or ``iso``)."""
+    p = mode_probabilities(iso_prob)
+    return p["iso_v"] + p["iso"] > 0, p["iso_a"] + p["iso"] > 0
+
+
+def sample_modes(iso_prob: IsoProb, batch_size: int, generator: torch.Generator | None = None) -> list[str]:
+    """Draw an attention mode per sample (all ``full`` without drawing when no iso mode has mass)."""
+    probs = mode_probabilities(iso_prob)
+    if probs["full"] >= 1.0:
+        return ["full"] * batch_size
+    device = generator.device if generator is not None else "cpu"
+    weights = torch.tensor([probs[m] for m in MODES], device=device)
+    index = torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+    return [MODES[i] for i in index.tolist()]
 
 
 def sample_t(batch_size: int, mean: float = 0.0, std: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -73,15 +126,25 @@ def make_flow_batch(
     mean: float = 0.0,
     std: float = 1.0,
     generator: torch.Generator | None = None,
+    *,
+    iso_prob: IsoProb = 0.0,
+    shift_video: float = 1.0,
+    shift_audio: float = 1.0,
 ) -> FlowBatch:
-    """Noise a batch of clean latents according to each sample's task.
+    """Noise a batch of clean latents according to each sample's task, and draw its attention mode.
 
+    video [B, Tv, Cv, h, w], audio [B, Ca, La, Fa]: clean latents x0; tasks [B]: indices into TASKS.
+    t_m = sigmoid(N(mean + ln shift_m, std)) per sample and modality; x_t = (1 − t)·x0 + t·ε; target ε − x0.
+    iso_prob: see :func:`mode_probabilities`; the modes are drawn after the noise, and not at all when
+    no iso mode has mass (so ``iso_prob = 0`` reproduces the draws of a run without modes).
     All randomness comes from ``generator`` (on the latents' device), so a step is reproducible.
     """
     batch, frames = video.shape[:2]
     device = video.device
-    t_video = sample_t(batch, mean, std, generator)[:, None].expand(batch, frames).clone()  # [B, Tv]
-    t_audio = sample_t(batch, mean, std, generator)  # [B]
+    if shift_video <= 0 or shift_audio <= 0:
+        raise ValueError(f"timestep shifts must be > 0, got video {shift_video}, audio {shift_audio}")
+    t_video = sample_t(batch, mean + math.log(shift_video), std, generator)[:, None].expand(batch, frames).clone()  # [B, Tv]
+    t_audio = sample_t(batch, mean + math.log(shift_audio), std, generator)  # [B]
     mask_video = torch.ones(batch, frames, device=device)
     mask_audio = torch.ones(batch, device=device)
 
@@ -92,6 +155,7 @@ def make_flow_batch(
 
     noise_video = torch.randn(video.shape, generator=generator, device=device, dtype=video.dtype)
     noise_audio = torch.randn(audio.shape, generator=generator, device=device, dtype=audio.dtype)
+    modes = sample_modes(iso_prob, batch, generator)
     return FlowBatch(
         video=interpolate(video, noise_video, t_video),
         audio=interpolate(audio, noise_audio, t_audio),
@@ -102,6 +166,7 @@ def make_flow_batch(
         mask_video=mask_video,
         mask_audio=mask_audio,
         tasks=tasks,
+        modes=modes,
     )
 
 
@@ -115,7 +180,8 @@ def flow_loss(
     """Masked mean-squared velocity error.
 
     ``loss = w_v·mean_{counted video frames} |v̂ − v|² + w_a·mean_{counted clips} |â − a|²``. Also
-    returns each modality's loss and the per-task losses (detached; NaN for a task absent from the batch).
+    returns each modality's loss, the per-task losses and the per-mode losses ``loss_mode_<mode>``
+    (detached; NaN for a task or mode absent from the batch).
     """
     se_video = (pred_video.float() - batch.target_video.float()).pow(2).mean(dim=(2, 3, 4))  # [B, Tv]
     se_audio = (pred_audio.float() - batch.target_audio.float()).pow(2).mean(dim=(1, 2, 3))  # [B]
@@ -131,4 +197,8 @@ def flow_loss(
     for index, name in enumerate(TASKS):
         chosen = batch.tasks == index
         out[f"loss_{name}"] = per_sample[chosen].mean() if chosen.any() else torch.tensor(float("nan"))
+    modes = batch.modes or ["full"] * per_sample.shape[0]
+    for name in MODES:
+        chosen = torch.tensor([m == name for m in modes], device=per_sample.device)
+        out[f"loss_mode_{name}"] = per_sample[chosen].mean() if chosen.any() else torch.tensor(float("nan"))
     return out
