@@ -128,6 +128,7 @@ def test_attention_modes_are_drawn_per_sample():
     # iso modes do not change the path: same noise and times, only the modes are drawn after them
     with_iso = make_flow_batch(video, audio, tasks, generator=torch.Generator().manual_seed(6), iso_prob=0.5)
     assert torch.equal(with_iso.video, plain.video) and torch.equal(with_iso.target_audio, plain.target_audio)
+    assert with_iso.modes.count("iso") == 3 and with_iso.modes.count("full") == 3  # this seed's draw
     modes = sample_modes({"iso": 0.2, "iso_v": 0.1}, 20000, torch.Generator().manual_seed(7))
     freq = {m: modes.count(m) / len(modes) for m in ("full", "iso_v", "iso_a", "iso")}
     assert freq["iso_a"] == 0.0
