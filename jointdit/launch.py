@@ -169,6 +169,55 @@ def export_submitit_env() -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------------------------
+# One run, one folder
+# ----------------------------------------------------------------------------------------------
+
+
+def launched_rank(env: dict[str, str] | None = None) -> int:
+    """This process's global rank as set by ``accelerate launch``/``torchrun`` (0 when not launched)."""
+    return int((env if env is not None else os.environ).get("RANK", "0") or 0)
+
+
+def rank_overrides(argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """Hydra overrides for a process of rank > 0: it writes no ``.hydra/`` and no ``train.log`` of its own
+    (rank 0 does), and logs only warnings to the console. Rank 0 and single processes get none."""
+    if launched_rank(env) == 0:
+        return []
+    extra = ["hydra.output_subdir=null"]
+    if not any(a.lstrip("+~").startswith("hydra/job_logging=") for a in argv):
+        extra += ["hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
+    return extra
+
+
+def share_output_dir(cfg) -> Path:
+    """Rank 0 decides the run folder and every rank adopts it.
+
+    Each process resolves Hydra's ``${now:...}`` on its own, so ranks started a second apart would get two
+    folders. Here rank 0's ``paths.output_dir`` is broadcast and set on every rank (checkpoints, RNG states
+    and exports then land in one folder); a folder Hydra made for another rank is removed if it is empty.
+    """
+    from omegaconf import open_dict
+
+    mine = str(cfg.paths.output_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Path(mine)
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    PartialState(cpu=not torch.cuda.is_available())  # the process group (same arguments as the trainer's)
+    chosen = str(broadcast_object_list([mine], from_process=0)[0])
+    with open_dict(cfg):
+        cfg.paths.output_dir = chosen
+    if Path(mine).resolve() != Path(chosen).resolve():
+        try:
+            Path(mine).rmdir()  # only ever an empty folder: rank > 0 writes nothing of its own there
+        except OSError:
+            pass
+    return Path(chosen)
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
 

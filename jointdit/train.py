@@ -32,7 +32,11 @@ def _train(cfg: DictConfig) -> float | None:
 
     validate(cfg)
     prepare_init_from(cfg)
+    from jointdit.launch import export_submitit_env, share_output_dir
     from jointdit.training import train
+
+    export_submitit_env()  # a multi-task SLURM job: its tasks become one Accelerate process group
+    share_output_dir(cfg)  # several processes: rank 0's folder is the run's folder
 
     metrics = train(cfg)
     return metrics.get(cfg.get("optimized_metric", "train/loss"))
@@ -41,7 +45,8 @@ def _train(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     import sys
 
-    from jointdit.launch import check_overrides
+    from jointdit.launch import check_overrides, rank_overrides
 
     check_overrides(sys.argv[1:])  # a sweeper/launcher plugin that is missing: say which extra to install
+    sys.argv += rank_overrides(sys.argv[1:])  # rank > 0 of `accelerate launch`: no .hydra/ or train.log of its own
     main()

@@ -130,16 +130,29 @@ def test_a_missing_sweeper_names_the_extra_to_install():
 
 
 def test_accelerate_launch_runs_two_cpu_processes_into_one_run_folder(tmp_path):
-    """The README's command with the ddp recipe: two processes over gloo, one folder, weights in sync."""
-    run_dir = tmp_path / "run"
+    """The README's command with the ddp recipe: two processes over gloo, one folder, weights in sync.
+
+    Each rank is given a different Hydra folder on purpose (``rank${oc.env:RANK}``), as two ranks whose
+    ``${now:}`` fell on different seconds would get: rank 0's folder must win everywhere."""
+    outputs = tmp_path / "outputs"
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "conf/accelerate/ddp.yaml"), "--num_processes", "2",
-           "-m", "jointdit.train", *TINY, "batch_size=4", "max_steps=2", "checkpoint.every=2", "logger=none",
-           f"hydra.run.dir={run_dir}"]
+           "-m", "jointdit.train", *TINY, "batch_size=4", "max_steps=2", "checkpoint.every=2", "log_every=1",
+           "logger.system_metrics=false", f"hydra.run.dir={outputs}/rank${{oc.env:RANK,0}}"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=_env(tmp_path))
     assert result.returncode == 0, result.stderr[-4000:]
+    assert sorted(p.name for p in outputs.iterdir()) == ["rank0"]  # rank 1's folder was empty and is gone
+    run_dir = outputs / "rank0"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["final"]["ranks_in_sync"] == 1.0
     assert len(set(metrics["rank_checksums"])) == 1
     checkpoint = run_dir / "checkpoints" / "step_000002"
     assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     assert (run_dir / "export" / "last" / "config.json").exists()
+    # Only rank 0 writes .hydra/ and train.log, and tracks: one MLflow run, one log line per step.
+    assert (run_dir / ".hydra" / "overrides.yaml").exists()
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["paths.output_dir"] == str(run_dir)

@@ -3,7 +3,6 @@ one child per job, each job in its own process."""
 
 from __future__ import annotations
 
-
 import pytest
 from mlflow.tracking import MlflowClient
 
