@@ -1,4 +1,4 @@
-"""Read and write sounding video: MP4 (H.264 + AAC) through PyAV, WAV through soundfile.
+"""Read and write sounding video: MP4 (H.264 + AAC) through PyAV, WAV through soundfile, images through Pillow.
 
 Frames are ``[T, 3, H, W]`` float32 in [-1, 1]; audio is a mono ``[N]`` float32 wave in [-1, 1].
 Every read places samples by their presentation timestamps, so a clip's audio and frames cover
@@ -8,7 +8,8 @@ the same seconds ``[start, start + seconds)``.
 from __future__ import annotations
 
 import os
-import tempfile
+from collections.abc import Callable
+from typing import BinaryIO
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -60,6 +61,21 @@ def _open(path: Path) -> av.container.InputContainer:
         raise MediaError(path, f"cannot be opened as media, the file is truncated or corrupt ({err})") from err
 
 
+def read_image(path: str | os.PathLike) -> torch.Tensor:
+    """An image file (PNG, JPEG, ...) → ``[3, H, W]`` float32 in [-1, 1] (RGB; alpha dropped)."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MediaError(path, "no such file")
+    try:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise MediaError(path, f"cannot be read as an image ({err})") from err
+    return torch.from_numpy(array.astype(np.float32)).permute(2, 0, 1).div(127.5).sub(1.0)
+
+
 def probe_duration(path: str | os.PathLike) -> float:
     """Duration in seconds of the longest stream, read from the container header."""
     path = Path(path)
@@ -69,7 +85,7 @@ def probe_duration(path: str | os.PathLike) -> float:
         return max(float(s.duration * s.time_base) for s in container.streams if s.duration)
 
 
-def _resize_center_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_center_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[T,3,H,W] -> [T,3,h,w]: scale so the frame covers (h, w), then crop the centre."""
     target_h, target_w = size
     _, _, height, width = frames.shape
@@ -194,7 +210,7 @@ def read_clip(
             wave = _read_audio(container, path, start, seconds, sample_rate)
     else:
         wave = torch.zeros(int(round(seconds * sample_rate)))
-    frames = _resize_center_crop(frames, size).clamp(-1, 1)
+    frames = resize_center_crop(frames, size).clamp(-1, 1)
     return Clip(frames=frames, wave=wave, fps=fps, sample_rate=sample_rate, path=str(path), has_audio=has_audio)
 
 
@@ -203,11 +219,15 @@ def read_clip(
 # ----------------------------------------------------------------------------------------------
 
 
-def _atomic_target(path: Path) -> tuple[Path, Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    return path, Path(tmp)
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> Path:
+    """Run ``write(handle)`` on a temp file beside ``path``, then rename it into place
+    (:func:`jointdit.safeio.atomic_file`): the file appears complete or not at all, with the permissions
+    a plain ``open`` gives, and a full disk raises ``WriteError`` naming the file, leaving no temp file."""
+    from jointdit.safeio import atomic_file
+
+    with atomic_file(path, "wb") as handle:
+        write(handle)
+    return Path(path)
 
 
 def _to_uint8(frames: torch.Tensor) -> np.ndarray:
@@ -233,9 +253,9 @@ def write_mp4(
         raise ValueError(f"H.264 with yuv420p needs even frame sizes, got {height}x{width}")
     if wave is not None and sample_rate is None:
         raise ValueError("sample_rate is required with a wave")
-    path, tmp = _atomic_target(Path(path))
-    try:
-        with av.open(str(tmp), "w", format="mp4") as container:
+
+    def write(handle: BinaryIO) -> None:
+        with av.open(handle, "w", format="mp4") as container:
             video = container.add_stream("h264", rate=Fraction(fps).limit_denominator(1001))
             video.width, video.height, video.pix_fmt = width, height, "yuv420p"
             video.options = {"crf": str(crf)}
@@ -258,22 +278,13 @@ def write_mp4(
                         container.mux(packet)
                 for packet in audio.encode():
                     container.mux(packet)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, write)
 
 
 def write_wav(path: str | os.PathLike, wave: torch.Tensor, sample_rate: int) -> Path:
     """Write a mono 16-bit PCM WAV."""
-    path, tmp = _atomic_target(Path(path))
-    try:
-        samples = wave.detach().float().clamp(-1, 1).reshape(-1).cpu().numpy()
-        sf.write(str(tmp), samples, int(sample_rate), subtype="PCM_16", format="WAV")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    samples = wave.detach().float().clamp(-1, 1).reshape(-1).cpu().numpy()
+    return atomic_write(path, lambda handle: sf.write(handle, samples, int(sample_rate), subtype="PCM_16", format="WAV"))
 
 
 def read_wav(path: str | os.PathLike, sample_rate: int | None = None) -> tuple[torch.Tensor, int]:
