@@ -24,23 +24,24 @@ from jointdit.evaluate.settings import DetectorSettings
 log = logging.getLogger(__name__)
 
 
-def load_real(cfg: DictConfig) -> tuple[list[Clip], dict[str, list[float]]]:
-    """The real clips of ``cfg.data``'s held-out split (at the data's fps, size, length, ``cfg.sample_rate``)
-    and their known event times (clips without any are left out of the event figures)."""
+def load_real(cfg: DictConfig) -> tuple[list[Clip], dict[str, list[float]], dict[str, str]]:
+    """The real clips of ``cfg.data``'s held-out split (at the data's fps, size, length, ``cfg.sample_rate``),
+    their known event times (clips without any are left out of the event figures) and captions."""
     from jointdit.data.sources import build_source
 
     refs = build_source(cfg.data).clips(str(cfg.real.split))
     limit = cfg.real.get("limit")
     refs = refs[: int(limit)] if limit else refs
-    clips, events = [], {}
+    clips, events, captions = [], {}, {}
     for ref in refs:
         clip = read_clip(ref.path, fps=float(cfg.data.fps), size=int(cfg.data.size), seconds=float(cfg.data.seconds),
                          sample_rate=int(cfg.sample_rate), allow_missing_audio=bool(cfg.data.get("allow_missing_audio", False)))
         clip.meta["id"] = ref.id
         clips.append(clip)
+        captions[ref.id] = ref.caption
         if ref.events is not None:
             events[ref.id] = list(ref.events)
-    return clips, events
+    return clips, events, captions
 
 
 def write_plots(report: EvalReport, clips: list[Clip], kind: str, out_dir: Path, count: int,
@@ -59,9 +60,16 @@ def run(cfg: DictConfig, tracker=None) -> EvalReport:
     from jointdit.tracking import Tracker, flatten
 
     settings = DetectorSettings.from_config(cfg.get("detector"))
-    real, events = load_real(cfg)
+    real, events, captions = load_real(cfg)
     generated = read_folder(cfg.samples_dir, int(cfg.sample_rate)) if cfg.get("samples_dir") else []
     report = evaluate_clips(generated, real, events, str(cfg.task), settings, with_distances=bool(cfg.distances))
+    if cfg.get("pretrained"):
+        from jointdit.evaluate.pretrained import pretrained_metrics
+
+        figures, notes = pretrained_metrics(generated, real, cfg.pretrained.models_dir, captions,
+                                            [a.name for a in report.generated], str(cfg.pretrained.device))
+        report.summary.update(figures)
+        report.notes.extend(notes)
     out_dir = Path(cfg.out_dir)
     files = write_report(report, out_dir)
     kind, clips = ("generated", generated) if generated else ("real", real)

@@ -23,7 +23,6 @@ and is the one to trust for a few dozen clips.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -68,22 +67,29 @@ def _standardise(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray, standardise: bool = True) -> float:
-    """FD between the Gaussians fitted to rows of ``a`` [n, d] and ``b`` [m, d] (n, m ≥ 2)."""
-    from scipy import linalg
+    """FD between the Gaussians fitted to rows of ``a`` [n, d] and ``b`` [m, d] (n, m ≥ 2).
 
+    Tr (Σa Σb)^{1/2} is the sum of the square roots of the eigenvalues of Σa Σb, which are those of
+    Σa^{1/2} Σb Σa^{1/2} (symmetric: ``eigvalsh``). With fewer clips than features, Σa = AᵀA and Σb = BᵀB
+    for the centred, 1/√(n−1)-scaled data A, B, and the same trace is the nuclear norm of A Bᵀ (n × m):
+    exact, and cheap where a d × d matrix square root is slow and ill-conditioned.
+    """
     if a.shape[0] < 2 or b.shape[0] < 2:
         raise ValueError(f"Fréchet distance needs at least 2 clips per set, got {a.shape[0]} and {b.shape[0]}")
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if standardise:
         a, b = _standardise(a, b)
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
-    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # rank-deficient with fewer clips than features
-        root = linalg.sqrtm(cov_a @ cov_b)
-        if not np.isfinite(root).all():  # singular product: regularise, as the FID reference code does
-            offset = np.eye(cov_a.shape[0]) * 1e-6
-            root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    value = float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(np.real(root)))
+    centred_a = (a - mu_a) / np.sqrt(a.shape[0] - 1)  # Σa = centred_aᵀ centred_a
+    centred_b = (b - mu_b) / np.sqrt(b.shape[0] - 1)
+    if min(a.shape[0], b.shape[0]) < a.shape[1]:
+        trace_root = float(np.linalg.svd(centred_a @ centred_b.T, compute_uv=False).sum())
+    else:
+        cov_a, cov_b = centred_a.T @ centred_a, centred_b.T @ centred_b
+        w, v = np.linalg.eigh(cov_a)
+        root_a = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+        trace_root = float(np.sqrt(np.clip(np.linalg.eigvalsh(root_a @ cov_b @ root_a), 0, None)).sum())
+    value = float(((mu_a - mu_b) ** 2).sum() + (centred_a**2).sum() + (centred_b**2).sum() - 2.0 * trace_root)
     return max(value, 0.0)
 
 

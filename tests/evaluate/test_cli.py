@@ -44,6 +44,8 @@ def test_folder_mode_writes_tables_plots_and_an_mlflow_run(compose_cfg, tmp_path
     metrics = {r["metric"]: float(r["value"]) for r in csv.DictReader((out / "evaluate_summary.csv").open())}
     assert metrics["sync"] == pytest.approx(report.summary["sync"])
     assert len(list((out / "plots").glob("*.png"))) == 2
+    notes = json.loads((out / "evaluate.json").read_text())["notes"]
+    assert any(n.startswith("clip_score: skipped, no open_clip folder at") for n in notes)  # no assets/models here
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     experiment = client.get_experiment_by_name("evaluate")

@@ -32,3 +32,15 @@ def test_kid_grows_with_a_mean_shift():
 def test_too_few_clips_is_an_error():
     with pytest.raises(ValueError, match="at least 2"):
         frechet_distance(np.zeros((1, 3)), np.zeros((5, 3)))
+
+
+@pytest.mark.parametrize("n", [6, 300])  # fewer clips than features (nuclear-norm path) and more (eigen path)
+def test_frechet_distance_agrees_with_the_matrix_square_root_formula(n):
+    from scipy import linalg
+
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(n, 10)) @ rng.normal(size=(10, 10)), rng.normal(1.0, 2.0, size=(n + 3, 10))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    expected = (((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b)
+                - 2 * np.trace(np.real(linalg.sqrtm(cov_a @ cov_b))))
+    assert frechet_distance(a, b, standardise=False) == pytest.approx(expected, rel=1e-5, abs=1e-6)
