@@ -1,0 +1,193 @@
+"""Memory terms the planner's base estimate (:func:`jointdit.memory.estimate_peak`) leaves out, so that
+the plan never promises less memory than the run needs.
+
+What is live at once during one training step (bytes; P = all parameters, θ = the trainable ones):
+
+    resident  = params(P + LoRA) + casts + state(optimizer, θ) + ema(θ) + overhead
+    backward  = grads(θ) + activations + attention       with gradient checkpointing: the gradients of the
+                                                          later blocks build up while an earlier block is
+                                                          recomputed, so both are live (a sum)
+              = max(grads(θ), activations + attention)    without it (the base planner's calibrated form)
+    step      = grads(θ) + transient(optimizer, foreach)  optimizer.step() runs while the gradients are held
+    train     = resident + max(backward, step)
+
+    transient: AdamW foreach (multi-tensor; torch's default on CUDA) — sqrt(v) for every tensor of a param
+               group at once: 4·Σ_group n, the largest group; AdamW single-tensor — sqrt(v)/bc for one tensor:
+               8·max n; 8-bit AdamW — one tensor's fp32 state is dequantised: 8·max n; Adafactor
+               (transformers) — grad², the factored estimate and the update for one tensor: 12·max n.
+
+Preview sampling (``sample_every`` and the final preview) runs in the training process after
+``zero_grad(set_to_none=True)``, with the optimizer state and EMA still held:
+
+    preview   = resident + 4·P (the exported copy the sampler loads) + codec + CLIP weights
+                + sampling forward (``branches`` guidance branches, base planner) + decoded media
+
+    peak      = max(train, preview) (preview only when previews run)
+
+Sampling alone: 4·P + codec + CLIP + the sampling forward + decoded media.
+
+The stage decides θ: ``stage=a`` all parameters; ``stage=b`` the glob groups of ``stage.trainable``;
+LoRA (``stage.lora.rank > 0``) only the adapters, r·(d_in + d_out) per targeted linear, which also add to
+the parameters. Shapes come from a model built on the ``meta`` device (no memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jointdit.memory import Estimate, Knobs, estimate_peak
+from jointdit.optimizers import state_bytes
+
+MiB = 1024 ** 2
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+@dataclass
+class Trainable:
+    """What trains: parameter groups (one list of shapes per optimizer param group) and added weights."""
+
+    groups: list[list[tuple[int, ...]]]
+    added_params: int = 0        # LoRA adapter elements (not in the base model's P)
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [s for g in self.groups for s in g]
+
+    @property
+    def numel(self) -> int:
+        return sum(_numel(s) for s in self.shapes)
+
+
+def trainable_of(model_config: Mapping[str, Any], stage: Mapping[str, Any] | None) -> Trainable:
+    """The trainable tensors a stage config selects, from a ``meta``-device model (no memory used)."""
+    import torch
+
+    from jointdit.checkpoints import select_parameters
+    from jointdit.lora import groups_from_config, lora_enabled, resolve_targets
+    from jointdit.memory import _full_config
+    from jointdit.models.jointdit import JointDiT
+
+    stage = dict(stage or {})
+    with torch.device("meta"):
+        model = JointDiT(**_full_config(model_config))
+    if lora_enabled(stage.get("lora")):
+        groups = groups_from_config(stage["lora"])
+        targets = resolve_targets(model, groups)
+        shapes = []
+        for name, group in targets.items():
+            lin = model.get_submodule(name)
+            shapes += [(group.rank, lin.in_features), (lin.out_features, group.rank)]
+        return Trainable([shapes], added_params=sum(_numel(s) for s in shapes))
+    trainable = stage.get("trainable") or {"all": {"patterns": ["*"]}}
+    selected = select_parameters(model, {k: list(v["patterns"]) for k, v in trainable.items()})
+    return Trainable([[tuple(p.shape) for _, p in params] for params in selected.values()])
+
+
+def step_transient(optimizer: str, trainable: Trainable, foreach: bool | None, device: str = "cpu") -> int:
+    """Extra bytes allocated inside ``optimizer.step()`` (see the module docstring)."""
+    if not trainable.shapes:
+        return 0
+    largest = max(_numel(s) for s in trainable.shapes)
+    if optimizer == "adamw":
+        if foreach is None:
+            foreach = device == "cuda"  # torch's default: multi-tensor when every tensor is on CUDA
+        if foreach:
+            return 4 * max(sum(_numel(s) for s in g) for g in trainable.groups if g)
+        return 8 * largest
+    if optimizer == "adamw8bit":
+        return 8 * largest
+    if optimizer == "adafactor":
+        return 12 * largest
+    raise ValueError(f"unknown optimizer {optimizer!r}")
+
+
+def weights_bytes(folder: str | Path | None) -> int:
+    """Bytes of the weights a pretrained codec / CLIP folder or checkpoint file loads (safetensors/bin/pt)."""
+    if not folder:
+        return 0
+    path = Path(folder).expanduser()
+    if path.is_file():
+        return path.stat().st_size
+    if not path.exists():
+        return 0
+    return sum(p.stat().st_size for ext in ("*.safetensors", "*.bin", "*.pt", "*.pth") for p in path.rglob(ext))
+
+
+@dataclass
+class FullEstimate:
+    """The base estimate plus the terms above; ``total`` is what the plan must fit."""
+
+    base: Estimate
+    params: int
+    optimizer_state: int
+    ema: int
+    grads: int
+    transient: int
+    backward: int
+    train: int
+    preview: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return max(self.train, self.preview)
+
+    def as_dict(self) -> dict[str, Any]:
+        keys = ("params", "optimizer_state", "ema", "grads", "transient", "backward", "train", "preview")
+        return {**{k: int(getattr(self, k)) for k in keys}, "total": self.total, **self.info}
+
+
+def estimate_training(model_config: Mapping[str, Any], video_shape: Sequence[int], audio_shape: Sequence[int],
+                      knobs: Knobs | Mapping[str, Any], *, stage: Mapping[str, Any] | None = None,
+                      optimizer: str = "adamw", foreach: bool | None = None, ema: bool = True,
+                      precision: str = "no", device: str = "cpu", attention_kernel: str = "flash",
+                      preview: bool = False, preview_branches: int = 3, codec_bytes: int = 0, clip_bytes: int = 0,
+                      decoded_bytes: int = 0) -> FullEstimate:
+    """Peak bytes of training with every term live at once (module docstring), never below the base."""
+    kn = knobs if isinstance(knobs, Knobs) else Knobs.from_mapping(knobs)
+    base = estimate_peak(model_config, video_shape, audio_shape, kn, precision=precision, training=True, ema=ema,
+                         attention_kernel=attention_kernel, device=device)
+    tr = trainable_of(model_config, stage)
+    n = tr.numel
+    params = base.params + 4 * tr.added_params
+    opt_state = state_bytes(optimizer, tr.shapes)
+    ema_b = 4 * n if ema else 0
+    grads = 4 * n
+    act = base.activations + base.attention
+    backward = grads + act if kn.gradient_checkpointing else max(grads, act)
+    transient = step_transient(optimizer, tr, foreach, device)
+    resident = params + base.casts + opt_state + ema_b + base.overhead
+    train = resident + max(backward, grads + transient)
+    out = FullEstimate(base, params, opt_state, ema_b, grads, transient, backward, train,
+                       info={"trainable": n, "optimizer": optimizer, "foreach": foreach})
+    if preview:
+        sample = estimate_peak(model_config, video_shape, audio_shape, kn, micro_batch=preview_branches,
+                               precision=precision, training=False, attention_kernel=attention_kernel, device=device)
+        out.preview = (resident + base.params + codec_bytes + clip_bytes + sample.activations + sample.attention
+                       + sample.overhead + decoded_bytes)
+    return out
+
+
+def estimate_sampling(model_config: Mapping[str, Any], video_shape: Sequence[int], audio_shape: Sequence[int],
+                      knobs: Knobs | Mapping[str, Any], *, branches: int = 3, adapters_params: int = 0,
+                      codec_bytes: int = 0, clip_bytes: int = 0, decoded_bytes: int = 0, precision: str = "no",
+                      device: str = "cpu", attention_kernel: str = "flash") -> int:
+    """Peak bytes of ``jointdit.sample``: weights (+ adapters), codec, CLIP, one batched forward, media."""
+    est = estimate_peak(model_config, video_shape, audio_shape, knobs, micro_batch=branches, precision=precision,
+                        training=False, attention_kernel=attention_kernel, device=device)
+    return int(est.params + 4 * adapters_params + codec_bytes + clip_bytes + est.activations + est.attention
+               + est.overhead + decoded_bytes)
+
+
+def decoded_media_bytes(frames: int, height: int, width: int, samples: int, branches_copy: int = 2) -> int:
+    """Decoded clip tensors held while writing outputs: fp32 frames [T, 3, H, W] and wave [N], ×copies."""
+    return int(branches_copy * 4 * (frames * 3 * height * width + samples))
