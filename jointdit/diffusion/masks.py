@@ -32,8 +32,9 @@ mode           given (clean, fixed, no loss)                      generated
 Shapes: ``z_video [B, Tv, Cv, hv, wv]``, ``z_audio [B, Ca, La, Fa]``; masks are per latent position,
 ``video [B, Tv, hv, wv]`` and ``audio [B, La]`` (shared by channels and mel bins). Masks are snapped to
 the model's patch grid, so no patch mixes given and generated latents and every given token's
-adaLN sees exactly ``t = 0``. Latent j of a modality at rate r covers ``[j/r, (j+1)/r)`` seconds;
-"the first k seconds" are the latents that lie wholly inside ``[0, k)``.
+adaLN sees exactly ``t = 0``. Times follow ``LatentSpec``: latent j of a stream at rate r is centred at
+``offset + j/r`` and covers ±½/r; "the first k seconds" are the latents wholly inside ``[0, k)`` (then
+narrowed to whole patches), a span to regenerate takes every latent that meets it (widened to patches).
 """
 
 from __future__ import annotations
@@ -131,7 +132,11 @@ def _snap_up(n: int, p: int, limit: int) -> int:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Latent grid of one sample and the model's patch sizes."""
+    """Latent grid of one sample, its time origins and the model's patch sizes.
+
+    Latent k of a stream at rate r is centred at ``offset + k / r`` seconds and covers ±½/r around it
+    (:class:`jointdit.latents.LatentSpec`'s time origin).
+    """
 
     video: tuple[int, int, int]         # (Tv, hv, wv)
     audio_steps: int                    # La
@@ -139,32 +144,50 @@ class Geometry:
     audio_rate: float                   # latent audio steps per second
     video_patch: tuple[int, int, int] = (1, 1, 1)
     audio_patch_t: int = 1
+    video_offset: float = 0.0           # centre time (s) of latent video frame 0
+    audio_offset: float = 0.0
 
     @classmethod
     def of(cls, z_video_shape: Sequence[int], z_audio_shape: Sequence[int], video_rate: float, audio_rate: float,
-           video_patch: Sequence[int] = (1, 1, 1), audio_patch: Sequence[int] = (1, 1)) -> Geometry:
+           video_patch: Sequence[int] = (1, 1, 1), audio_patch: Sequence[int] = (1, 1), video_offset: float = 0.0,
+           audio_offset: float = 0.0) -> Geometry:
         """From latent shapes ``[.., Tv, Cv, hv, wv]`` and ``[.., Ca, La, Fa]`` (a leading batch dim is fine)."""
         tv, _, hv, wv = (int(s) for s in z_video_shape[-4:])
         return cls((tv, hv, wv), int(z_audio_shape[-2]), float(video_rate), float(audio_rate),
-                   tuple(int(p) for p in video_patch), int(audio_patch[0]))
+                   tuple(int(p) for p in video_patch), int(audio_patch[0]), float(video_offset), float(audio_offset))
+
+    @classmethod
+    def from_spec(cls, spec, video_patch: Sequence[int] = (1, 1, 1), audio_patch: Sequence[int] = (1, 1)) -> Geometry:
+        """From a :class:`jointdit.latents.LatentSpec` (shapes, rates, time origins) and the model's patches."""
+        return cls.of(spec.video_shape, spec.audio_shape, spec.video_latent_fps, spec.audio_latent_fps, video_patch,
+                      audio_patch, spec.video_time_offset, spec.audio_time_offset)
 
     @property
     def seconds(self) -> float:
         return min(self.video[0] / self.video_rate, self.audio_steps / self.audio_rate)
 
-    def video_frames_in(self, start_s: float, end_s: float) -> tuple[int, int]:
-        """Latent frames ``[a, b)`` wholly inside ``[start_s, end_s)``, narrowed to whole temporal patches."""
-        return self._span(start_s, end_s, self.video_rate, self.video[0], self.video_patch[0])
+    def given_prefix(self, seconds: float, video: bool) -> int:
+        """Latents wholly inside ``[0, seconds)`` (centre + ½/r ≤ seconds), narrowed to whole patches."""
+        rate, off, n, patch = self._stream(video)
+        count = max(0, min(n, math.floor((seconds - off) * rate + 0.5 + 1e-9)))
+        return _snap_down(count, patch)
 
-    def audio_steps_in(self, start_s: float, end_s: float) -> tuple[int, int]:
-        """Latent audio steps ``[a, b)`` wholly inside ``[start_s, end_s)``, narrowed to whole patches."""
-        return self._span(start_s, end_s, self.audio_rate, self.audio_steps, self.audio_patch_t)
+    def touched(self, start_s: float, end_s: float, video: bool) -> tuple[int, int]:
+        """Latents ``[a, b)`` whose interval meets ``[start_s, end_s)``, widened to whole patches."""
+        if end_s <= start_s:
+            raise ValueError(f"span ({start_s}, {end_s}) is empty; give (start_s, end_s) with start_s < end_s")
+        rate, off, n, patch = self._stream(video)
+        a = max(0, min(n, math.floor((start_s - off) * rate - 0.5 + 1e-9) + 1))
+        b = max(0, min(n, math.ceil((end_s - off) * rate + 0.5 - 1e-9)))
+        a, b = _snap_down(a, patch), _snap_up(b, patch, n)
+        if b <= a:
+            raise ValueError(f"span ({start_s}, {end_s}) s lies outside the clip's {n / rate:.3g} s")
+        return a, b
 
-    @staticmethod
-    def _span(start_s: float, end_s: float, rate: float, n: int, patch: int) -> tuple[int, int]:
-        a = max(0, min(n, math.ceil(start_s * rate - 1e-9)))
-        b = max(a, min(n, math.floor(end_s * rate + 1e-9)))
-        return _snap_up(a, patch, n), max(_snap_up(a, patch, n), _snap_down(b, patch))
+    def _stream(self, video: bool) -> tuple[float, float, int, int]:
+        if video:
+            return self.video_rate, self.video_offset, self.video[0], self.video_patch[0]
+        return self.audio_rate, self.audio_offset, self.audio_steps, self.audio_patch_t
 
 
 def empty_mask(batch: int, geometry: Geometry, device: torch.device | str = "cpu") -> ConditionMask:
@@ -203,8 +226,8 @@ def set_mode(mask: ConditionMask, i: int, mode: str, geometry: Geometry, *, seco
     elif mode in ("extend_v", "extend_a"):
         if seconds_given is None or seconds_given <= 0:
             raise ValueError(f"{mode} needs seconds_given > 0 (the length of the given prefix), got {seconds_given}")
-        _, fv = geometry.video_frames_in(0.0, seconds_given)
-        _, fa = geometry.audio_steps_in(0.0, seconds_given)
+        fv = geometry.given_prefix(seconds_given, video=True)
+        fa = geometry.given_prefix(seconds_given, video=False)
         if mode == "extend_v" or both:
             mask.video[i, :fv] = True
         if mode == "extend_a" or both:
@@ -219,7 +242,7 @@ def set_mode(mask: ConditionMask, i: int, mode: str, geometry: Geometry, *, seco
                 raise ValueError(f"inpaint_v region {tuple(region)} is empty on a {hv}x{wv} latent grid")
             mask.video[i, :, y0:y1, x0:x1] = False
         elif span is not None:
-            a, b = _widen(span, geometry.video_rate, tv, pt)
+            a, b = geometry.touched(*span, video=True)
             mask.video[i, a:b] = False
         else:
             raise ValueError("inpaint_v needs a spatial region=(top, left, bottom, right) or a temporal span=(start_s, end_s)")
@@ -227,24 +250,12 @@ def set_mode(mask: ConditionMask, i: int, mode: str, geometry: Geometry, *, seco
         if span is None:
             raise ValueError("inpaint_a needs span=(start_s, end_s), the seconds of audio to regenerate")
         mask.audio[i] = True
-        a, b = _widen(span, geometry.audio_rate, geometry.audio_steps, geometry.audio_patch_t)
+        a, b = geometry.touched(*span, video=False)
         mask.audio[i, a:b] = False
     elif mode == "t2v":
         mask.audio_present[i] = False
     elif mode == "t2a":
         mask.video_present[i] = False
-
-
-def _widen(span: Sequence[float], rate: float, n: int, patch: int) -> tuple[int, int]:
-    """Latents touching ``[start_s, end_s)``, widened to whole patches."""
-    start_s, end_s = (float(s) for s in span)
-    if end_s <= start_s:
-        raise ValueError(f"span ({start_s}, {end_s}) is empty; give (start_s, end_s) with start_s < end_s")
-    a = _snap_down(max(0, min(n, math.floor(start_s * rate + 1e-9))), patch)
-    b = _snap_up(max(0, min(n, math.ceil(end_s * rate - 1e-9))), patch, n)
-    if b <= a:
-        raise ValueError(f"span ({start_s}, {end_s}) s lies outside the clip's {n / rate:.3g} s")
-    return a, b
 
 
 def sampling_mask(mode: str, geometry: Geometry, **params) -> ConditionMask:

@@ -177,3 +177,13 @@ def test_euler_sampling_holds_the_given_part_exactly(mode, params):
         assert not torch.equal(x_v[~gv], start_v[~gv])  # the rest was generated
     if not mask.audio_present[0]:
         assert torch.equal(x_a, start_a)
+
+
+def test_time_origin_offsets_from_the_latent_spec():
+    """AudioLDM2-style audio: 25 steps/s centred at 20 ms + j/25. Step j lies wholly in [0, 0.3 s) iff
+    0.02 + j/25 + 0.02 <= 0.3, i.e. j <= 6.5: 7 steps. A span (0.1, 0.2) meets steps whose interval
+    [j/25, (j+1)/25) intersects it: j = 2 .. 4."""
+    g = M.Geometry.of(VIDEO, (1, 8, 25, 16), 8.0, 25.0, video_offset=0.0, audio_offset=0.02)
+    assert M.sampling_mask("extend_a", g, seconds_given=0.3).audio[0].sum().item() == 7
+    regen = ~M.sampling_mask("inpaint_a", g, span=(0.1, 0.2)).audio[0]
+    assert regen.nonzero().flatten().tolist() == [2, 3, 4]
