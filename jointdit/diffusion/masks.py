@@ -397,3 +397,99 @@ def masked_flow_loss(pred_video: Tensor, pred_audio: Tensor, batch: MaskedFlowBa
         chosen = torch.tensor([m == mode for m in batch.mask.modes], device=per_sample.device)
         out[f"loss_{mode}"] = per_sample[chosen].mean()
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling on a mask
+# --------------------------------------------------------------------------------------------------
+class RestrictedModes(torch.nn.Module):
+    """Wrap a model so every call's attention modes are restricted by the mask (t2v / t2a isolation).
+
+    Guidance batches its branches branch-major (``[branch0 × B, branch1 × B, ...]``), so row ``i`` of a
+    call belongs to sample ``i mod B`` of the mask.
+    """
+
+    def __init__(self, model: torch.nn.Module, mask: ConditionMask) -> None:
+        super().__init__()
+        self.model, self.mask = model, mask
+
+    def forward(self, z_video: Tensor, z_audio: Tensor, t_video: Tensor, t_audio: Tensor, cond=None,
+                mode: str | Sequence[str] = "full") -> tuple[Tensor, Tensor]:
+        rows, b = z_video.shape[0], self.mask.batch_size
+        requested = [mode] * rows if isinstance(mode, str) else list(mode)
+        allowed = []
+        for start in range(0, rows, b):
+            allowed += self.mask.attention_modes(requested[start:start + b])
+        return self.model(z_video, z_audio, t_video, t_audio, cond, allowed)
+
+
+def expand_mask(mask: ConditionMask, batch: int) -> ConditionMask:
+    """A batch-1 mask repeated for ``batch`` samples (a batch-sized mask passes unchanged)."""
+    if mask.batch_size == batch:
+        return mask
+    if mask.batch_size != 1:
+        raise ValueError(f"the mask has {mask.batch_size} samples for a batch of {batch}")
+    rep = {f.name: getattr(mask, f.name).expand(batch, *getattr(mask, f.name).shape[1:]).clone()
+           for f in fields(mask) if f.name != "modes"}
+    return ConditionMask(**rep, modes=mask.modes * batch)
+
+
+@torch.inference_mode()
+def sample_masked(model: torch.nn.Module, noise_video: Tensor, noise_audio: Tensor, mask: ConditionMask, *,
+                  steps: int, given_video: Tensor | None = None, given_audio: Tensor | None = None, guidance=None,
+                  cond=None, neg_cond=None, shift_video: float = 1.0, shift_audio: float = 1.0,
+                  callback=None) -> tuple[Tensor, Tensor]:
+    """Euler integration of the guided flow ODE from t = 1 to 0 with the mask's given latents held.
+
+    Each step: ``t`` per latent from :meth:`ConditionMask.timesteps` (0 on given latents, 1 on an absent
+    stream), guided velocity ``v̂`` (JointCFG branches through :class:`RestrictedModes`), the scheduler's
+    Euler update ``x ← x + (σ_{i+1} − σ_i)·v̂`` on present streams, then :meth:`ConditionMask.hold` puts the
+    condition back — so given latents equal the condition exactly at every step and at the end.
+    noise [B, ...]; given_video [1|B, Tv, Cv, hv, wv], given_audio [1|B, Ca, La, Fa] (needed where the
+    mask gives latents of that stream). Returns fp32 ``(z_video, z_audio)``.
+    """
+    from jointdit.diffusion.guidance import JointCFG
+    from jointdit.diffusion.sampler import make_scheduler
+
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    b = noise_video.shape[0]
+    mask = expand_mask(mask.to(device), b)
+    for given, flags, what in ((given_video, mask.video, "video"), (given_audio, mask.audio, "audio")):
+        if given is None and bool(flags.any()):
+            raise ValueError(f"modes {sorted(set(mask.modes))} give part of the {what}; pass the encoded "
+                             f"conditioning {what} (condition_{what}=<file>)")
+    gv = None if given_video is None else given_video.to(device, dtype).expand(b, *noise_video.shape[1:])
+    ga = None if given_audio is None else given_audio.to(device, dtype).expand(b, *noise_audio.shape[1:])
+    x_v, x_a = mask.hold(noise_video.to(device, dtype), noise_audio.to(device, dtype), gv, ga)
+    guidance = guidance or JointCFG()
+    net = RestrictedModes(model, mask)
+    sched_v, sched_a = make_scheduler(steps, shift_video, device), make_scheduler(steps, shift_audio, device)
+    video_on, audio_on = bool(mask.video_present.any()), bool(mask.audio_present.any())
+    for i in range(int(steps)):
+        sig_v = torch.full((b,), float(sched_v.sigmas[i]), device=device)
+        sig_a = torch.full((b,), float(sched_a.sigmas[i]), device=device)
+        t_v, t_a = mask.timesteps(sig_v, sig_a)
+        pred_v, pred_a = guidance(net, x_v, x_a, t_v, t_a, cond, neg_cond)
+        if video_on:
+            x_v = sched_v.step(pred_v, sched_v.timesteps[i], x_v, return_dict=False)[0]
+        if audio_on:
+            x_a = sched_a.step(pred_a, sched_a.timesteps[i], x_a, return_dict=False)[0]
+        x_v, x_a = mask.hold(x_v, x_a, gv, ga)
+        if callback is not None and callback(i + 1, int(steps)) is True:
+            try:
+                from jointdit.diffusion.sampler import SamplingCancelled
+            except ImportError:  # pragma: no cover - older sampler
+                SamplingCancelled = RuntimeError
+            raise SamplingCancelled(i + 1, int(steps))
+    return x_v.float(), x_a.float()
+
+
+def training_batch(video: Tensor, audio: Tensor, probabilities: Mapping[str, float], geometry: Geometry, *,
+                   params: MaskParams = MaskParams(), mean: float = 0.0, std: float = 1.0,
+                   generator: torch.Generator | None = None, attention: str | Sequence[str] = "full") -> MaskedFlowBatch:
+    """What the trainer calls per micro-batch: draw each sample's mode (``objective.tasks``), its mask
+    (``objective.masks``), then noise under it (:func:`make_masked_flow_batch`). All draws from ``generator``."""
+    modes = sample_modes(probabilities, video.shape[0], generator)
+    mask = training_mask(modes, geometry, params, generator)
+    return make_masked_flow_batch(video, audio, mask, mean, std, generator, attention)

@@ -187,3 +187,42 @@ def test_time_origin_offsets_from_the_latent_spec():
     assert M.sampling_mask("extend_a", g, seconds_given=0.3).audio[0].sum().item() == 7
     regen = ~M.sampling_mask("inpaint_a", g, span=(0.1, 0.2)).audio[0]
     assert regen.nonzero().flatten().tolist() == [2, 3, 4]
+
+
+@pytest.mark.parametrize("mode,params", [("extend_v", {"seconds_given": 0.5}), ("extend_a", {"seconds_given": 0.3, "both": True}),
+                                         ("inpaint_v", {"region": (0.5, 0.5, 1.0, 1.0)}), ("inpaint_a", {"span": (0.4, 0.8)})])
+def test_sample_masked_holds_the_condition_with_guidance_batches(mode, params):
+    from jointdit.diffusion.guidance import JointCFG
+
+    model = tiny()
+    g = torch.Generator().manual_seed(2)
+    given_v, given_a = torch.randn(1, *VIDEO[1:], generator=g), torch.randn(1, *AUDIO[1:], generator=g)
+    noise = torch.randn(2, *VIDEO[1:], generator=g), torch.randn(2, *AUDIO[1:], generator=g)   # two seeds
+    mask = M.sampling_mask(mode, GEOM, **params)
+    z_v, z_a = M.sample_masked(model, *noise, mask, steps=3, given_video=given_v, given_audio=given_a,
+                               guidance=JointCFG(w_v=1.2, w_a=1.2))
+    gv = mask.video[:, :, None].expand(2, *VIDEO[1:])
+    ga = mask.audio[:, None, :, None].expand(2, *AUDIO[1:])
+    assert torch.equal(z_v[gv], given_v.expand(2, *VIDEO[1:])[gv])
+    assert torch.equal(z_a[ga], given_a.expand(2, *AUDIO[1:])[ga])
+    assert not torch.equal(z_v[~gv], noise[0][~gv])
+
+
+def test_t2v_and_t2a_are_blind_to_the_absent_stream():
+    """t2v's video must be exactly what it is whatever the (absent) audio holds; t2a likewise."""
+    from jointdit.diffusion.guidance import JointCFG
+
+    model = tiny()
+    g = torch.Generator().manual_seed(4)
+    nv, na = torch.randn(1, *VIDEO[1:], generator=g), torch.randn(1, *AUDIO[1:], generator=g)
+    other_v, other_a = torch.randn(1, *VIDEO[1:], generator=g), torch.randn(1, *AUDIO[1:], generator=g)
+    guidance = JointCFG(w_v=1.2, w_a=1.2)
+    run = lambda mode, v, a: M.sample_masked(model, v, a, M.sampling_mask(mode, GEOM), steps=3, guidance=guidance)  # noqa: E731
+    v1, a1 = run("t2v", nv, na)
+    v2, a2 = run("t2v", nv, other_a)
+    assert torch.equal(v1, v2) and torch.equal(a1, na) and torch.equal(a2, other_a)   # absent audio untouched
+    v1, a1 = run("t2a", nv, na)
+    v2, a2 = run("t2a", other_v, na)
+    assert torch.equal(a1, a2) and torch.equal(v1, nv)
+    joint_a = run("joint", other_v, na)[1]
+    assert not torch.equal(joint_a, run("joint", nv, na)[1])  # without isolation the video would leak in
