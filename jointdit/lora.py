@@ -223,7 +223,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = DEFAULT_ADAPTER) ->
 
 
 def save_adapter(model: nn.Module, folder: str | os.PathLike, base_ref: str | os.PathLike | None,
-                 meta: Mapping[str, Any] | None = None, adapter_name: str | None = None) -> Path:
+                 meta: Mapping[str, Any] | None = None, adapter_name: str | None = None,
+                 files: Mapping[str, str] | None = None) -> Path:
     """Write the adapter in PEFT's format + ``jointdit_adapter.json`` atomically (temp folder, rename).
 
     ``base_ref`` names the base model folder. ``jointdit_adapter.json`` stores it relative to the adapter
@@ -255,6 +256,8 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike, base_ref: str | os
     save_file(adapter_state_dict(model, adapter_name), str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     body = {"base_model": ref, "groups": info["groups"], **dict(meta or {})}
     (tmp / ADAPTER_META).write_text(json.dumps(body, indent=2, default=str))
+    for name, text in (files or {}).items():  # e.g. jointdit.json, written inside the same atomic rename
+        (tmp / name).write_text(text)
     from jointdit.checkpoints import replace_dir
 
     replace_dir(tmp, folder)
@@ -393,3 +396,54 @@ def load_with_adapters(path: str | os.PathLike, adapters: Sequence[AdapterSpec] 
         adapters.insert(0, AdapterSpec(path, 1.0))
         path = base
     return apply_adapters(checkpoints.load_model(path), adapters, merge=merge)
+
+
+# --------------------------------------------------------------------------------------------------
+# Trainer side: what the training loop calls
+# --------------------------------------------------------------------------------------------------
+def training_groups(model: nn.Module, lora_cfg: Mapping[str, Any], base_ref: str | os.PathLike | None = None,
+                    ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Add the configured adapters to ``model`` and return ``(optimizer param groups, counts)``.
+
+    One param group per LoRA group (its own ``lr``: ``stage.lora.groups.<g>.lr`` or ``stage.lora.lr``);
+    counts are the trainable elements per group plus ``frozen`` (every base weight).
+    """
+    lora_cfg = dict(_plain(lora_cfg))
+    groups = groups_from_config(lora_cfg)
+    targets = resolve_targets(model, groups)
+    counts = add_lora(model, groups, base_ref=None if base_ref is None else str(base_ref))
+    by_group: dict[str, list[nn.Parameter]] = {g.name: [] for g in groups}
+    for name, param in lora_parameters(model):
+        by_group[targets[name.split(".lora_")[0]].name].append(param)
+    specs = dict(lora_cfg.get("groups") or {})
+    default_lr = float(lora_cfg.get("lr") or 1e-4)
+    param_groups = [{"params": params, "name": f"lora_{g}",
+                     "lr": float((specs.get(g) or {}).get("lr") or default_lr)} for g, params in by_group.items()]
+    return param_groups, counts
+
+
+def base_reference_for(init_from: str | os.PathLike | None) -> Path | None:
+    """The base model an adapter may reference directly: ``stage.init_from`` when it is an exported model
+    folder (config.json); None when the base must be exported beside the adapter (a checkpoint, or none)."""
+    if not init_from:
+        return None
+    path = Path(init_from).expanduser()
+    return path.resolve() if (path / "config.json").exists() else None
+
+
+def export_adapter(model: nn.Module, ema, folder: str | os.PathLike, base_ref: str | os.PathLike,
+                   meta: Mapping[str, Any]) -> Path:
+    """Save the adapter (EMA weights when EMA is on) in PEFT's format, with ``jointdit.json`` = ``meta``
+    (the sampler's settings) and ``jointdit_adapter.json`` naming ``base_ref``."""
+    from jointdit.checkpoints import EXPORT_META
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if ema is not None:
+        ema.store(trainable)
+        ema.copy_to(trainable)
+    try:
+        return save_adapter(model, folder, base_ref, meta={"step": meta.get("step")},
+                            files={EXPORT_META: json.dumps(dict(meta), indent=2, default=str)})
+    finally:
+        if ema is not None:
+            ema.restore(trainable)

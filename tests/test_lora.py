@@ -211,3 +211,29 @@ def test_config_stage_lora_and_rank_on_top_of_stage_b(compose_cfg):
     # the yaml's groups are the library's defaults
     assert {g.name: list(g.patterns) for g in groups} == lora.DEFAULT_GROUPS
     assert all(g.rank == 16 for g in groups)
+
+
+def test_training_groups_export_with_ema_and_base_reference(tmp_path):
+    from diffusers.training_utils import EMAModel
+
+    base = tiny_model()
+    base_dir = tmp_path / "base"
+    base.save_pretrained(base_dir)
+    assert lora.base_reference_for(base_dir) == base_dir.resolve()
+    assert lora.base_reference_for(tmp_path / "checkpoint") is None and lora.base_reference_for(None) is None
+    model = copy.deepcopy(base)
+    cfg = lora_cfg(lr=0.01, targets=["video_attn", "audio_ff"], groups={"audio_ff": {"lr": 0.5}})
+    groups, counts = lora.training_groups(model, cfg)
+    assert [(g["name"], g["lr"], len(g["params"])) for g in groups] == [("lora_video_attn", 0.01, 8), ("lora_audio_ff", 0.5, 8)]
+    assert sum(p.numel() for g in groups for p in g["params"]) == counts["video_attn"] + counts["audio_ff"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    ema = EMAModel(trainable, decay=0.5)
+    randomise_adapters(model)
+    ema.step(trainable)  # shadow = 0.5·init + 0.5·random ≠ live weights
+    live = [p.detach().clone() for p in trainable]
+    folder = lora.export_adapter(model, ema, tmp_path / "export" / "last", base_dir, {"step": 3, "codec": {"name": "x"}})
+    assert json.loads((folder / "jointdit.json").read_text())["codec"] == {"name": "x"}
+    assert all(torch.equal(p, q) for p, q in zip(trainable, live))  # live weights restored after export
+    saved = load_file(str(folder / "adapter_model.safetensors"))
+    key = "base_model.model.blocks.0.video.qkv.lora_A.weight"
+    torch.testing.assert_close(saved[key], ema.shadow_params[0].cpu())  # the EMA weights were exported
