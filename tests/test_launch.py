@@ -124,6 +124,19 @@ def test_a_missing_sweeper_names_the_extra_to_install():
     assert 'pip install -e ".[sweep]"' in result.stderr and "make sweep-setup" in result.stderr
 
 
+def test_tab_completion_offers_config_groups_and_presets(tmp_path):
+    """Hydra's shell completion through the installed `jointdit-train` script (README: Tab completion)."""
+    script = str(Path(PYTHON).with_name("jointdit-train"))
+    install = subprocess.run([script, "--shell-completion", "install=bash"], capture_output=True, text=True,
+                             timeout=120, env=_env(tmp_path))
+    assert install.returncode == 0 and "complete -o nospace -o default -F hydra_bash_completion jointdit-train" in install.stdout
+    line = "jointdit-train experiment="
+    query = subprocess.run([script, "-sc", "query=bash"], capture_output=True, text=True, timeout=120,
+                           env=_env(tmp_path, COMP_LINE=line, COMP_POINT=str(len(line))))
+    presets = sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml"))
+    assert query.stdout.split() == [f"experiment={name}" for name in presets]
+
+
 # ----------------------------------------------------------------------------------------------
 # 1. `accelerate launch` exactly as documented, two real CPU processes
 # ----------------------------------------------------------------------------------------------
@@ -156,3 +169,27 @@ def test_accelerate_launch_runs_two_cpu_processes_into_one_run_folder(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("train").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["paths.output_dir"] == str(run_dir)
+
+
+def _launch(tmp_path: Path, run_dir: Path, *overrides: str) -> dict:
+    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "conf/accelerate/ddp.yaml"), "--num_processes", "2",
+           "-m", "jointdit.train", *TINY, "batch_size=4", "checkpoint.every=2", "logger=none", *overrides,
+           f"hydra.run.dir={run_dir}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path, env=_env(tmp_path))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow  # three 2-process launches: about 2 minutes on a quiet 2-core machine
+def test_a_resumed_two_process_run_continues_exactly(tmp_path):
+    straight = _launch(tmp_path, tmp_path / "straight", "max_steps=4")
+    first = _launch(tmp_path, tmp_path / "resumed", "max_steps=2")
+    assert {p.name for p in (tmp_path / "resumed/checkpoints/step_000002").glob("random_states_*.pkl")} == {
+        "random_states_0.pkl", "random_states_1.pkl"}
+    resumed = _launch(tmp_path, tmp_path / "resumed", "max_steps=4", "checkpoint.resume=auto")
+    assert len(first["history"]) == 2 and len(resumed["history"]) == 4
+    losses = lambda m: [h["loss"] for h in m["history"]]  # noqa: E731
+    assert losses(resumed) == pytest.approx(losses(straight), rel=1e-6, abs=1e-7)
+    # Same weights at the end, on both ranks, as the uninterrupted run.
+    assert resumed["rank_checksums"] == pytest.approx(straight["rank_checksums"], rel=1e-9)
+    assert resumed["final"]["ranks_in_sync"] == 1.0
