@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 PARENT_ENV = "JOINTDIT_MLFLOW_PARENT_RUN_ID"
 SWEPT_ENV = "JOINTDIT_SWEPT_KEYS"
 PARENT_FILE = "mlflow_parent_run_id"
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0.5",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 MAX_PARAM_CHARS = 6000  # MLflow 3's limit on one param value
 
 
@@ -120,6 +122,8 @@ class Tracker:
         uri = str(logger_cfg.tracking_uri)
         if uri.startswith(("http://", "https://")):
             _check_server(uri, float(logger_cfg.get("connect_timeout", 5)))
+            for key, value in HTTP_LIMITS.items():  # a server that answers /health but fails its API: seconds, not
+                os.environ.setdefault(key, value)   # MLflow's 7 retries with backoff (minutes); user settings win
         with _store_lock(_lock_dir(uri)):  # a fresh sqlite store is created and migrated by the client's first use
             client = MlflowClient(tracking_uri=uri)
             experiment_id = _experiment_id(client, str(logger_cfg.experiment_name), _lock_dir(uri))

@@ -599,3 +599,137 @@ def test_jobs_starting_together_on_a_fresh_mlflow_db_all_get_their_runs(tmp_path
     client = MlflowClient(uri)
     stored = client.search_runs([client.get_experiment_by_name("train").experiment_id])
     assert sorted(r.info.run_id for r in stored) == sorted(run_ids) and len(set(run_ids)) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# 15. Resume tests that can see bugs an interrupted and an uninterrupted run would share
+# ----------------------------------------------------------------------------------------------
+
+
+def _epoch_batches(size: int, batch: int, seed: int, epoch: int, rank: int = 0, world: int = 1, offset: int = 0):
+    from jointdit.training import EpochBatchSampler
+
+    sampler = EpochBatchSampler(size, batch, seed, rank, world)
+    sampler.start(epoch, offset)
+    return list(sampler)
+
+
+def test_epoch_batch_sampler_reshuffles_every_epoch_and_repeats_per_seed_and_epoch():
+    epochs = [_epoch_batches(24, 4, seed=3, epoch=e) for e in range(4)]
+    orders = [tuple(i for b in batches for i, _ in b) for batches in epochs]
+    assert len(set(orders)) == 4  # a different order in every epoch (an epoch stuck at 0 repeats one)
+    assert all(sorted(order) == list(range(24)) for order in orders)  # each epoch visits every clip once
+    assert all(e == epoch for epoch, batches in enumerate(epochs) for b in batches for _, e in b)  # crops see the epoch
+    assert _epoch_batches(24, 4, seed=3, epoch=2) == epochs[2]  # same (seed, epoch): same batches
+    assert _epoch_batches(24, 4, seed=4, epoch=2) != epochs[2]
+    assert _epoch_batches(24, 4, seed=3, epoch=2, offset=4) == epochs[2][4:]  # resume mid-epoch: the suffix
+
+
+def test_epoch_batch_sampler_ranks_split_each_step_without_overlap():
+    ranks = [_epoch_batches(24, 3, seed=0, epoch=1, rank=r, world=2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 4
+    for step in range(4):
+        a, b = ({i for i, _ in ranks[r][step]} for r in range(2))
+        assert not a & b
+    seen = sorted(i for r in ranks for batch in r for i, _ in batch)
+    assert seen == list(range(24))
+
+
+KILL_SMALL = ["data.num_clips=8", "data.size=32", "data.seconds=1.0", "data.val_fraction=0.25", "model.hidden_size=64",
+              "model.depth=2", "model.num_heads=2", "vram.micro_batch_size=2", "batch_size=2", "optim.warmup_steps=2",
+              "log_every=5", "logger=none", "sample_every=-1", "max_steps=24", "checkpoint.every=2",
+              "checkpoint.keep=2", "ema.decay=0.9"]
+
+
+@pytest.mark.slow
+def test_sigkill_at_ten_random_steps_resumes_exactly_including_ema(tmp_path):
+    """A run killed with SIGKILL ten times at random moments ends with the uninterrupted run's losses AND
+    its exported (EMA) weights bit for bit; the epoch advances (6 clips / batch 2 = 3 steps an epoch)."""
+    import random
+
+    from safetensors.torch import load_file
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOINTDIT_")} | {"JOINTDIT_ROOT": str(tmp_path)}
+    straight = tmp_path / "straight"
+    result = subprocess.run([PYTHON, "-m", "jointdit.train", *KILL_SMALL, f"hydra.run.dir={straight}"], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rng = random.Random(15)
+    run_dir, kills = tmp_path / "killed", 0
+    for attempt in range(40):
+        resume = ["checkpoint.resume=auto"] if attempt else []
+        proc = subprocess.Popen([PYTHON, "-m", "jointdit.train", *KILL_SMALL, *resume, f"hydra.run.dir={run_dir}"],
+                                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+        if kills < 10:
+            have = {p.name for p in (run_dir / "checkpoints").glob("step_*")} if (run_dir / "checkpoints").exists() else set()
+            deadline = time.time() + 600
+            while proc.poll() is None and time.time() < deadline:  # wait for a new checkpoint, then a random moment
+                now = {p.name for p in (run_dir / "checkpoints").glob("step_*")} if (run_dir / "checkpoints").exists() else set()
+                if now - have:
+                    break
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 1.5))
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                kills += 1
+        proc.wait(timeout=900)
+        if (run_dir / "metrics.json").exists():
+            break
+    assert kills == 10 and (run_dir / "metrics.json").exists()
+
+    def losses(folder: Path) -> list[float]:
+        return [h["loss"] for h in json.loads((folder / "metrics.json").read_text())["history"]]
+
+    assert len(losses(run_dir)) == 24 and losses(run_dir) == losses(straight)  # exact, not approximately
+    ours = load_file(run_dir / "export" / "last" / "diffusion_pytorch_model.safetensors")
+    theirs = load_file(straight / "export" / "last" / "diffusion_pytorch_model.safetensors")
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+_HALF_BROKEN_SERVER = """
+import http.server
+class Handler(http.server.BaseHTTPRequestHandler):
+    def _reply(self):
+        ok = self.path.split("?")[0].rstrip("/").endswith("/health")
+        body = b"OK" if ok else b'{"error_code": "INTERNAL_ERROR", "message": "database is locked"}'
+        self.send_response(200 if ok else 500)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    do_GET = do_POST = do_PATCH = do_DELETE = _reply
+    def log_message(self, *args):
+        pass
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"""
+
+
+def test_a_server_that_answers_health_but_fails_its_api_costs_seconds_and_one_warning(monkeypatch):
+    """Before: MLflow's retries sat on the 500s for 277 s before giving up."""
+    import warnings
+
+    from omegaconf import OmegaConf
+
+    from jointdit.tracking import HTTP_LIMITS, Tracker
+
+    for key in HTTP_LIMITS:
+        monkeypatch.delenv(key, raising=False)  # restored after the test: the Tracker sets them process-wide
+    server = subprocess.Popen([PYTHON, "-c", _HALF_BROKEN_SERVER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        cfg = OmegaConf.create({"name": "mlflow", "tracking_uri": f"http://127.0.0.1:{port}", "experiment_name": "t"})
+        started = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tracker = Tracker(cfg, run_name="job")
+            tracker.log_metrics({"loss": 1.0}, 1)  # training goes on: logging is a no-op now
+        elapsed = time.perf_counter() - started
+    finally:
+        server.kill()
+        server.wait()
+    assert not tracker.active and elapsed < 15, elapsed
+    messages = [str(w.message) for w in caught if "MLflow" in str(w.message)]
+    assert len(messages) == 1 and "carrying on without tracking" in messages[0]
