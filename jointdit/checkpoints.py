@@ -89,8 +89,8 @@ def load_export_meta(folder: Path) -> dict[str, Any]:
 
 
 def load_model(path: str | os.PathLike):
-    """A JointDiT from an exported model folder, or from a training checkpoint folder
-    (``model.safetensors`` there, its config from the run's export or the checkpoint's state file)."""
+    """A JointDiT from an exported model folder, a LoRA adapter folder (its base, adapter merged), or a
+    training checkpoint folder (``model.safetensors`` there, its config from the checkpoint's state file)."""
     from safetensors.torch import load_file
 
     from jointdit.models import JointDiT
@@ -98,6 +98,10 @@ def load_model(path: str | os.PathLike):
     path = Path(path).expanduser()
     if (path / "config.json").exists():
         return JointDiT.from_pretrained(path)
+    from jointdit import lora
+
+    if lora.is_adapter_folder(path):  # a LoRA export: its base model with the adapter merged in
+        return lora.load_with_adapters(path, merge=True)
     weights = path / "model.safetensors"
     if weights.exists() and (path / STATE_FILE).exists():
         model = JointDiT.from_config(read_state(path)["model_config"])

@@ -237,3 +237,22 @@ def test_training_groups_export_with_ema_and_base_reference(tmp_path):
     saved = load_file(str(folder / "adapter_model.safetensors"))
     key = "base_model.model.blocks.0.video.qkv.lora_A.weight"
     torch.testing.assert_close(saved[key], ema.shadow_params[0].cpu())  # the EMA weights were exported
+
+
+def test_checkpoints_load_model_takes_an_adapter_folder(tmp_path):
+    from jointdit import checkpoints
+
+    base = tiny_model()
+    base.save_pretrained(tmp_path / "base")
+    model = copy.deepcopy(base)
+    lora.add_lora(model, lora.groups_from_config(lora_cfg(targets=["audio_attn"])))
+    randomise_adapters(model)
+    folder = lora.save_adapter(model, tmp_path / "adapter", tmp_path / "base")
+    loaded = checkpoints.load_model(folder).eval()  # what the sampler, UI and stage.init_from use
+    assert type(loaded).__name__ == "JointDiT" and not any("lora" in n for n in loaded.state_dict())
+    z_v, z_a, t_v, t_a = inputs()
+    with torch.no_grad():
+        for a, b in zip(loaded(z_v, z_a, t_v, t_a), model.eval()(z_v, z_a, t_v, t_a)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="names no base model"):
+        lora.load_with_adapters(lora.save_adapter(model, tmp_path / "orphan", None))
