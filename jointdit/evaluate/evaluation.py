@@ -78,6 +78,7 @@ def evaluate_clips(
     settings: DetectorSettings = DetectorSettings(),
     *,
     with_distances: bool = True,
+    real_analyses: Sequence[ClipAnalysis] | None = None,
 ) -> EvalReport:
     """Score ``generated`` clips beside ``real`` ones (same settings), optionally against known ``events``.
 
@@ -85,6 +86,7 @@ def evaluate_clips(
     id ``x`` when it is named ``x`` or ``x_<anything>`` (``Clip.meta["id"]``, else the file stem).
     ``task`` selects the conditional event accuracy: ``v2a`` scores the generated audio's onsets,
     ``a2v`` the generated video's events, against the known times of the condition.
+    ``real_analyses``: the real clips' analyses under the same settings, when already computed.
     """
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
@@ -93,7 +95,10 @@ def evaluate_clips(
         raise ValueError("nothing to evaluate: no generated and no real clips")
     notes: list[str] = []
     gen = [analyse_clip(c, settings, clip_name(c, f"generated_{i:04d}")) for i, c in enumerate(generated)]
-    ref = [analyse_clip(c, settings, clip_name(c, f"real_{i:04d}")) for i, c in enumerate(real)]
+    if real_analyses is not None and len(real_analyses) != len(real):
+        raise ValueError(f"{len(real_analyses)} real analyses for {len(real)} real clips")
+    ref = list(real_analyses) if real_analyses is not None else [
+        analyse_clip(c, settings, clip_name(c, f"real_{i:04d}")) for i, c in enumerate(real)]
     gen_rows, real_rows = [_row("generated", a, settings) for a in gen], [_row("real", a, settings) for a in ref]
 
     summary: dict[str, float] = {"n_generated": float(len(gen)), "n_real": float(len(ref))}

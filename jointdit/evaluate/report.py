@@ -65,26 +65,55 @@ def write_report(report: EvalReport, out_dir: str | os.PathLike, stem: str = "ev
     }
 
 
-def format_table(report: EvalReport) -> str:
-    """The headline figures as a Markdown table (what the CLI prints)."""
-    s = report.summary
-    cell = lambda key: f"{s[key]:.3f}" if key in s and math.isfinite(s[key]) else "–"  # noqa: E731
-    lines = ["| | sync | sync (gated) | floor | ceiling | v2a F1 | a2v F1 |", "|---|---|---|---|---|---|---|",
-             f"| {report.task} | {cell('sync')} | {cell('sync_gated')} | {cell('floor')} | {cell('ceiling')} | "
-             f"{cell('v2a_f1')} | {cell('a2v_f1')} |"]
-    rest = [k for k in s if k not in {"sync", "sync_gated", "floor", "ceiling", "v2a_f1", "a2v_f1"}]
-    lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {cell(k)} |" for k in rest]
-    lines += [f"\nnote: {note}" for note in report.notes]
+HEADLINE = ("sync", "sync_gated", "floor", "ceiling", "v2a_f1", "a2v_f1")
+
+
+def _cell(summary: dict[str, float], key: str) -> str:
+    value = summary.get(key)
+    return f"{value:.3f}" if isinstance(value, (int, float)) and math.isfinite(value) else "–"
+
+
+def format_table(reports: EvalReport | dict[str, EvalReport]) -> str:
+    """The headline figures as a Markdown table, one row per task, then every other figure (what the CLI prints)."""
+    reports = {reports.task: reports} if isinstance(reports, EvalReport) else dict(reports)
+    lines = ["| | sync | sync (gated) | floor | ceiling | v2a F1 | a2v F1 |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {task} | " + " | ".join(_cell(r.summary, k) for k in HEADLINE) + " |" for task, r in reports.items()]
+    many = len(reports) > 1
+    rows = [(f"{task}/{k}" if many else k, r.summary, k) for task, r in reports.items()
+            for k in r.summary if k not in HEADLINE]
+    lines += ["", "| metric | value |", "|---|---|"] + [f"| {name} | {_cell(s, k)} |" for name, s, k in rows]
+    notes = dict.fromkeys(n for r in reports.values() for n in r.notes)
+    lines += [f"\nnote: {note}" for note in notes]
     return "\n".join(lines)
 
 
-def log_report(report: EvalReport, tracker, step: int = 0, prefix: str = "eval/",
-               files: dict[str, Path] | None = None, artifact_path: str = "evaluate") -> None:
-    """Log the summary as metrics ``<prefix><key>`` at ``step`` and the written files as artifacts.
+def write_summary(summary: dict[str, float], out_dir: str | os.PathLike, extra: dict[str, Any] | None = None,
+                  stem: str = "evaluate") -> dict[str, Path]:
+    """A combined summary (several tasks): ``<stem>.json`` (summary + ``extra``) and ``<stem>_summary.csv``."""
+    out = Path(out_dir)
+    return {
+        "json": _write_atomic(out / f"{stem}.json", json.dumps(_json_safe({"summary": summary, **(extra or {})}),
+                                                                  indent=2) + "\n"),
+        "summary_csv": _write_atomic(out / f"{stem}_summary.csv",
+                                     _csv([{"metric": k, "value": v} for k, v in summary.items()])),
+    }
+
+
+def log_report(report: EvalReport | dict[str, float], tracker, step: int = 0, prefix: str = "eval/",
+               files: dict[str, Path] | None = None, artifact_path: str = "evaluate",
+               root: str | os.PathLike | None = None) -> None:
+    """Log the summary (a report's, or a combined one) as metrics ``<prefix><key>`` at ``step`` and the
+    written files as artifacts under ``artifact_path`` (keeping their folders relative to ``root``).
 
     ``tracker`` is a ``jointdit.tracking.Tracker`` (anything with ``log_metrics(dict, step)`` and
     ``log_artifact(path, artifact_path)``); an inactive tracker logs nothing.
     """
-    tracker.log_metrics({f"{prefix}{k}": v for k, v in report.summary.items()}, step=step)
+    summary = report.summary if isinstance(report, EvalReport) else report
+    tracker.log_metrics({f"{prefix}{k}": v for k, v in summary.items()}, step=step)
     for path in (files or {}).values():
-        tracker.log_artifact(path, artifact_path)
+        path = Path(path)
+        folder = artifact_path
+        if root is not None and path.resolve().is_relative_to(Path(root).resolve()):
+            relative = path.resolve().parent.relative_to(Path(root).resolve()).as_posix()
+            folder = artifact_path if relative == "." else f"{artifact_path}/{relative}"
+        tracker.log_artifact(path, folder)
