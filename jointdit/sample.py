@@ -208,7 +208,10 @@ class SampleRequest:
     audio            a2v: a WAV/FLAC/OGG/MP4 file, a wave ``[N]`` at the model's rate, or ``(rate, samples)``
     video            v2a: an MP4 file or frames ``[T,3,H,W]`` in [-1, 1] at the model's fps
     guidance         a :class:`~jointdit.diffusion.guidance.JointCFG`, a guidance config mapping, or a
-                     name of ``conf/guidance`` (``jointcfg`` | ``cfg`` | ``none``)
+                     name of ``conf/guidance`` (``jointcfg`` | ``cfg`` | ``stg`` | ``ltx2`` | ``none``); iso
+                     weights of a model not trained with iso modes are zeroed (with a warning)
+    shift_video      timestep shifts; None: the export's rule at this token count (``diffusion.schedule``)
+    shift_audio
     out_dir          where this call's folder goes; None writes nothing (tensors only)
     name             the folder's name under ``out_dir``; None: ``<time>_<task>_seed<first seed>``
     overwrite        reuse an existing ``name`` (its files are replaced); otherwise it is refused
@@ -226,8 +229,8 @@ class SampleRequest:
     seeds: Sequence[int] = (0,)
     steps: int = 30
     guidance: Any = "jointcfg"
-    shift_video: float = 1.0
-    shift_audio: float = 1.0
+    shift_video: float | None = None
+    shift_audio: float | None = None
     out_dir: str | Path | None = None
     name: str | None = None
     overwrite: bool = False
@@ -316,7 +319,9 @@ def _seeds(seeds: Any) -> list[int]:
     return out
 
 
-def _guidance(g: Any):
+def _guidance(g: Any, iso_prob: Any = None):
+    """A JointCFG, a guidance config mapping, or a ``conf/guidance`` name → a JointCFG (``iso_prob``: the
+    export's, so iso weights of a model that never learned them are zeroed)."""
     from jointdit.diffusion.guidance import JointCFG, build_guidance
 
     if isinstance(g, JointCFG):
@@ -328,9 +333,19 @@ def _guidance(g: Any):
 
         path = CONFIG_DIR / "guidance" / f"{g}.yaml"
         if not path.exists():
-            raise ValueError(f"guidance={g!r}: no conf/guidance/{g}.yaml; choose jointcfg, cfg or none")
+            names = sorted(p.stem for p in (CONFIG_DIR / "guidance").glob("*.yaml"))
+            raise ConfigError(f"guidance={g!r}: no conf/guidance/{g}.yaml", hint=f"choose one of {', '.join(names)}")
         g = OmegaConf.load(path)
-    return build_guidance(_plain(g))
+    return build_guidance(_plain(g), iso_prob=iso_prob)
+
+
+def _shifts(session: Session, spec: LatentSpec, request: SampleRequest) -> tuple[float, float]:
+    """The timestep shifts: the request's, else the export's rule at this clip's token counts."""
+    from jointdit.diffusion.schedule import sampling_shifts, token_counts
+
+    n_video, n_audio = token_counts(dict(session.model.config), spec.video_shape, spec.audio_shape)
+    return sampling_shifts(session.meta, n_video, n_audio,
+                           {"shift_video": request.shift_video, "shift_audio": request.shift_audio})
 
 
 def check_request(request: SampleRequest) -> None:
@@ -447,7 +462,8 @@ def generate(session: Session, request: SampleRequest,
             raise ConfigError(f"reference={ref!r} is not a file, and no latent cache is known to look it up in",
                               hint="give an MP4 path, or load the session with cache_dir=<paths.cache_dir>")
         entry = cache_entry(ref, session.cache_dir)   # its stored first frame is the image
-    guidance = _guidance(request.guidance)
+    guidance = _guidance(request.guidance, session.meta.get("iso_prob"))
+    shift_video, shift_audio = _shifts(session, geometry, request)
 
     folder = None
     if request.out_dir is not None:
@@ -467,8 +483,9 @@ def generate(session: Session, request: SampleRequest,
             z_v, z_a = sample_latents(
                 session.model, geometry.video_shape, geometry.audio_shape, steps=steps, seed=seeds[i:i + bs],
                 task=task, guidance=guidance, cond=cond, neg_cond=neg_cond, first_frame=first,
-                video_latent=video_latent, audio_latent=audio_latent, shift_video=float(request.shift_video),
-                shift_audio=float(request.shift_audio), callback=step_callback)
+                video_latent=video_latent, audio_latent=audio_latent, shift_video=shift_video, shift_audio=shift_audio,
+                video_times=geometry.video_latent_times().float(), audio_times=geometry.audio_latent_times().float(),
+                callback=step_callback)
             latents += list(zip(z_v, z_a))
             done += steps * len(seeds[i:i + bs])
 
@@ -506,6 +523,10 @@ def _decode(session: Session, geometry: LatentSpec, task: str, z_v: torch.Tensor
 # --------------------------------------------------------------------------------------------------
 # Composed config → files (the entry point's library side)
 # --------------------------------------------------------------------------------------------------
+def _opt_float(x: Any) -> float | None:
+    return None if x is None else float(x)
+
+
 def request_from_cfg(cfg: DictConfig | Mapping) -> SampleRequest:
     """The ``sample`` config's request fields → a :class:`SampleRequest`."""
     get = cfg.get
@@ -513,8 +534,8 @@ def request_from_cfg(cfg: DictConfig | Mapping) -> SampleRequest:
         task=str(get("task", "joint")), prompt=str(get("prompt") or ""), negative_prompt=str(get("negative_prompt") or ""),
         image=get("image"), reference=get("reference"), audio=get("audio"), video=get("video"),
         seeds=_seeds(get("seeds", [0])), steps=int(get("steps", 30)), guidance=_plain(get("guidance")),
-        shift_video=float((get("schedule") or {}).get("shift_video", 1.0)),
-        shift_audio=float((get("schedule") or {}).get("shift_audio", 1.0)),
+        shift_video=_opt_float((get("schedule") or {}).get("shift_video")),
+        shift_audio=_opt_float((get("schedule") or {}).get("shift_audio")),
         out_dir=None if get("out_dir") is None else str(get("out_dir")), name=get("name"),
         overwrite=bool(get("overwrite", False)), outputs=tuple(_plain(get("outputs")) or OUTPUT_KINDS),
         batch_size=int(get("batch_size", 1) or 1))

@@ -114,6 +114,8 @@ def sample_latents(
     audio_latent: Tensor | None = None,
     shift_video: float = 1.0,
     shift_audio: float = 1.0,
+    video_times: Tensor | None = None,
+    audio_times: Tensor | None = None,
     callback: StepCallback | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Integrate the guided flow ODE; returns clean latents ``(z_video [B,Tv,Cv,hv,wv], z_audio [B,Ca,La,Fa])``.
@@ -125,6 +127,8 @@ def sample_latents(
     audio_latent [1|B, Ca, La, Fa]       (a2v)  the encoded audio, kept fixed at t = 0
     video_latent [1|B, Tv, Cv, hv, wv]   (v2a)  the encoded video, kept fixed at t = 0
     cond, neg_cond                       CLIP conditions with 1 or B rows (None: the learned null ones)
+    video_times [Tv], audio_times [La]   latent centre times in seconds for the model's RoPE
+                                         (``LatentSpec.video_latent_times()``); None: the model's default i/rate
     callback     ``callback(step, total)`` after every step; returning True cancels (see module doc)
     """
     if task not in TASKS:
@@ -169,6 +173,7 @@ def sample_latents(
     sched_v = make_scheduler(steps, shift_video, device)
     sched_a = make_scheduler(steps, shift_audio, device)
     zero = torch.zeros(b, device=device)
+    times = {k: v for k, v in (("video_times", video_times), ("audio_times", audio_times)) if v is not None}
     total = int(steps)
     for i in range(total):
         sig_v, sig_a = float(sched_v.sigmas[i]), float(sched_a.sigmas[i])
@@ -176,7 +181,7 @@ def sample_latents(
         if task == "i2sv":
             t_v[:, 0] = 0.0                                                             # clean first frame
         t_a = zero if fixed_a else torch.full((b,), sig_a, device=device)               # [B]
-        pred_v, pred_a = guidance(model, x_v, x_a, t_v, t_a, cond, neg_cond)
+        pred_v, pred_a = guidance(model, x_v, x_a, t_v, t_a, cond, neg_cond, **times)
         if not fixed_v:
             x_v = sched_v.step(pred_v, sched_v.timesteps[i], x_v, return_dict=False)[0]
             if task == "i2sv":
