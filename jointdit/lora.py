@@ -204,7 +204,8 @@ def add_lora(model: nn.Module, groups: Sequence[LoraGroup], adapter_name: str = 
             module_name = name.split(".lora_")[0]
             counts[targets[module_name].name] += param.numel()
     counts["frozen"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    model.jointdit_lora = {"adapter_name": adapter_name, "config": config, "groups": [asdict(g) for g in groups]}
+    model.jointdit_lora = {"adapter_name": adapter_name, "config": config, "groups": [asdict(g) for g in groups],
+                           "base_ref": base_ref}
     return counts
 
 
@@ -431,11 +432,34 @@ def base_reference_for(init_from: str | os.PathLike | None) -> Path | None:
     return path.resolve() if (path / "config.json").exists() else None
 
 
-def export_adapter(model: nn.Module, ema, folder: str | os.PathLike, base_ref: str | os.PathLike,
+def prepare_base(model: nn.Module, init_from: str | os.PathLike | None, folder: str | os.PathLike,
+                 meta: Mapping[str, Any], is_main_process: bool = True) -> Path:
+    """The base model folder a run's adapters will name: ``stage.init_from`` when it is an exported model
+    folder, else ``model`` (still without adapters) exported once to ``folder`` by the main process."""
+    ref = base_reference_for(init_from)
+    if ref is not None:
+        return ref
+    folder = Path(folder)
+    if is_main_process:
+        from jointdit.checkpoints import export_model
+
+        export_model(model, folder, dict(meta))
+    return folder.resolve()
+
+
+def has_lora(model: nn.Module) -> bool:
+    return getattr(model, "jointdit_lora", None) is not None
+
+
+def export_adapter(model: nn.Module, ema, folder: str | os.PathLike, base_ref: str | os.PathLike | None,
                    meta: Mapping[str, Any]) -> Path:
     """Save the adapter (EMA weights when EMA is on) in PEFT's format, with ``jointdit.json`` = ``meta``
-    (the sampler's settings) and ``jointdit_adapter.json`` naming ``base_ref``."""
+    (the sampler's settings) and ``jointdit_adapter.json`` naming ``base_ref`` (default: the one given
+    to :func:`training_groups`)."""
     from jointdit.checkpoints import EXPORT_META
+
+    if base_ref is None:
+        base_ref = model.jointdit_lora.get("base_ref")
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     if ema is not None:

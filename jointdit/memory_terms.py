@@ -191,3 +191,24 @@ def estimate_sampling(model_config: Mapping[str, Any], video_shape: Sequence[int
 def decoded_media_bytes(frames: int, height: int, width: int, samples: int, branches_copy: int = 2) -> int:
     """Decoded clip tensors held while writing outputs: fp32 frames [T, 3, H, W] and wave [N], ×copies."""
     return int(branches_copy * 4 * (frames * 3 * height * width + samples))
+
+
+def estimate_for_run(cfg: Any, video_shape: Sequence[int], audio_shape: Sequence[int],
+                     model_config: Mapping[str, Any], device: str = "cpu") -> FullEstimate:
+    """The full estimate of a composed training config: its stage (LoRA / trainable groups), ``vram``
+    knobs, optimizer and ``foreach``, EMA, and the preview sample when ``sample_every >= 0``.
+
+    ``video_shape``/``audio_shape`` are the latents the model trains on (already cropped); the knobs'
+    ``max_t`` is therefore not applied again.
+    """
+    from omegaconf import OmegaConf
+
+    vram = OmegaConf.to_container(cfg.vram, resolve=True)
+    knobs = Knobs.from_mapping({**vram, "max_t": 0})
+    precision = "no" if device == "cpu" else str(vram.get("mixed_precision", "no"))
+    stage = OmegaConf.to_container(cfg.stage, resolve=True)
+    foreach = vram.get("optimizer_foreach")
+    return estimate_training(dict(model_config), list(video_shape), list(audio_shape), knobs, stage=stage,
+                             optimizer=str(vram.get("optimizer", "adamw")), foreach=foreach,
+                             ema=bool(cfg.ema.enabled), precision=precision, device=device,
+                             preview=int(cfg.get("sample_every", -1)) >= 0)
