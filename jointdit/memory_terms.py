@@ -42,6 +42,10 @@ from jointdit.memory import Estimate, Knobs, estimate_peak
 from jointdit.optimizers import state_bytes
 
 MiB = 1024 ** 2
+# The stated margin a plan must keep: on 9 held-out CPU set-ups (experiments/results/bench_memory_terms.md) the
+# full estimate was at worst 11.9 % under the measured peak (tiny models, where the base planner's activation
+# count is lowest), so a plan fits only if total · (1 + SAFETY_MARGIN) <= budget.
+SAFETY_MARGIN = 0.15
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -141,9 +145,14 @@ class FullEstimate:
     def total(self) -> int:
         return max(self.train, self.preview)
 
+    @property
+    def planned(self) -> int:
+        """``total`` with the stated :data:`SAFETY_MARGIN`: what the budget must hold."""
+        return int(self.total * (1 + SAFETY_MARGIN))
+
     def as_dict(self) -> dict[str, Any]:
         keys = ("params", "optimizer_state", "ema", "grads", "transient", "backward", "train", "preview")
-        return {**{k: int(getattr(self, k)) for k in keys}, "total": self.total, **self.info}
+        return {**{k: int(getattr(self, k)) for k in keys}, "total": self.total, "planned": self.planned, **self.info}
 
 
 def estimate_training(model_config: Mapping[str, Any], video_shape: Sequence[int], audio_shape: Sequence[int],
