@@ -47,6 +47,17 @@ def newest_sweep(uri: str, experiment: str) -> tuple[str, str, list[str]]:
     raise SystemExit(f"no sweep (a parent run with children) in experiment {experiment!r}")
 
 
+def _tidy(page) -> None:
+    """Switch the sidebar to the model-training workflow and close the assistant panel, when present."""
+    for action in (lambda: page.get_by_text("Model training", exact=True).first.click(timeout=5000),
+                   lambda: page.locator('[aria-label*="close" i]').first.click(timeout=5000)):
+        try:
+            action()
+            page.wait_for_timeout(1000)
+        except Exception:  # noqa: BLE001 - the UI differs between MLflow versions
+            pass
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--store", default="mlflow.db", help="the sqlite file")
@@ -82,8 +93,15 @@ def main() -> int:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=args.chromium, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": args.width, "height": args.height})
-            page.goto(url, wait_until="networkidle", timeout=120_000)
-            page.wait_for_timeout(4000)  # charts render after the data arrives
+            page.goto(url, wait_until="networkidle", timeout=180_000)
+            # The page draws placeholders first; wait for the run table, then for the charts to draw.
+            page.get_by_text("Parameters", exact=False).first.wait_for(timeout=180_000)
+            _tidy(page)
+            try:
+                page.locator(".js-plotly-plot, svg.main-svg").first.wait_for(timeout=120_000)
+            except Exception:  # noqa: BLE001 - a screenshot without the plot still shows the table
+                print("the parallel-coordinates plot did not draw in time", file=sys.stderr)
+            page.wait_for_timeout(5000)
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=args.out, full_page=True)
             browser.close()
