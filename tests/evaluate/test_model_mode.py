@@ -17,21 +17,6 @@ fx = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fx)
 
 
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory) -> Path:
-    """A tiny exported model (pixel_mel codec, 32 px, 8 fps, 1 s), trained 10 steps as the sampler tests do."""
-    from jointdit.checkpoints import export_model
-
-    torch.manual_seed(0)
-    model = fx.tiny_model()
-    fx._train(model, steps=10)
-    meta = {"step": 10, "stage": "a", "codec": fx.CODEC,
-            "latent": {"video_shape": list(fx.VIDEO_SHAPE), "audio_shape": list(fx.AUDIO_SHAPE),
-                       "video_latent_fps": fx.FPS, "audio_latent_fps": 100},
-            "data": {"fps": fx.FPS, "size": fx.SIZE, "seconds": fx.SECONDS, "sample_rate": fx.SR}}
-    return export_model(model.eval(), tmp_path_factory.mktemp("ckpt") / "tiny", meta)
-
-
 def _frames(path: Path) -> np.ndarray:
     with av.open(str(path)) as container:
         assert container.streams.audio, f"{path} has no audio track"
