@@ -21,6 +21,7 @@ import torch
 CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
 EXPORT_META = "jointdit.json"
+EMA_FILE = "ema.safetensors"
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -70,6 +71,44 @@ def resolve_resume(resume: str | None, checkpoints_root: Path) -> Path | None:
 
 def read_state(path: Path) -> dict[str, Any]:
     return json.loads((path / STATE_FILE).read_text())
+
+
+def save_training_state(accelerator, root: Path, step: int, history: list[dict], model, ema, keep: int) -> Path:
+    """Checkpoint ``root/step_NNNNNN``: Accelerate state (model, optimizer, scheduler, RNG), the EMA weights as
+    safetensors and ``trainer_state.json`` (step, loss history, model config, EMA counters) — written into a
+    temp folder and renamed, so a crash never leaves a half-written checkpoint. Keeps the newest ``keep``."""
+    final = step_dir(root, step)
+    tmp = root / f".tmp_{final.name}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        state = {"step": step, "history": history, "model_config": dict(model.config)}
+        if ema is not None:
+            from safetensors.torch import save_file
+
+            save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
+                      str(tmp / EMA_FILE))
+            state["ema"] = {"optimization_step": int(ema.optimization_step), "decay": float(ema.decay)}
+        (tmp / STATE_FILE).write_text(json.dumps(state, default=str))
+        replace_dir(tmp, final)
+        prune(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_ema(ema, folder: Path, state: dict[str, Any]) -> None:
+    """Restore the EMA shadow weights and counter that :func:`save_training_state` wrote."""
+    from safetensors.torch import load_file
+
+    shadow = load_file(str(Path(folder) / EMA_FILE))
+    if len(shadow) != len(ema.shadow_params):
+        raise ValueError(f"{Path(folder) / EMA_FILE} holds {len(shadow)} EMA tensors, this run has {len(ema.shadow_params)}")
+    for i, param in enumerate(ema.shadow_params):
+        param.data.copy_(shadow[f"shadow.{i}"])
+    ema.optimization_step = int(state["ema"]["optimization_step"])
 
 
 def export_model(model, folder: Path, meta: dict[str, Any]) -> Path:

@@ -14,8 +14,8 @@ import json
 import logging
 import math
 import resource
-import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from jointdit import checkpoints as ckpt
 from jointdit.config import model_fields
+from jointdit.memory import KNOB_FIELDS
 from jointdit.latents import EXPORT_FORMAT, LatentSpec, spec_for_config
 from jointdit.diffusion.flow import flow_loss, make_flow_batch, sample_tasks
 from jointdit.models import Condition
@@ -78,9 +79,6 @@ def step_generator(seed: int, step: int, rank: int, device: torch.device) -> tor
 # ----------------------------------------------------------------------------------------------
 
 
-KNOBS = ("max_t", "q_chunk_v", "q_chunk_a", "kv_downsample", "gradient_checkpointing", "micro_batch_size")
-
-
 def apply_memory_plan(cfg: DictConfig) -> dict[str, Any]:
     """Resolve the vram knobs (``vram=auto`` picks them for this device) and check the plan fits."""
     from omegaconf import open_dict
@@ -90,9 +88,9 @@ def apply_memory_plan(cfg: DictConfig) -> dict[str, Any]:
     plan = resolve_vram(cfg)
     plan["micro_batch_size"] = min(int(plan["micro_batch_size"]), int(cfg.batch_size))  # auto: never above the batch
     with open_dict(cfg):
-        for key in KNOBS:
+        for key in KNOB_FIELDS:
             cfg.vram[key] = plan[key]
-    log.info("memory plan: %s; estimated peak %.0f MiB of %.0f MiB", {k: plan[k] for k in KNOBS},
+    log.info("memory plan: %s; estimated peak %.0f MiB of %.0f MiB", {k: plan[k] for k in KNOB_FIELDS},
              plan["estimate_bytes"] / 2**20, plan["budget_bytes"] / 2**20)
     return plan
 
@@ -170,7 +168,8 @@ def make_optimizer(model: torch.nn.Module, cfg: DictConfig) -> tuple[torch.optim
     return optimizer, counts
 
 
-def make_scheduler(optimizer, cfg: DictConfig):
+def make_lr_scheduler(optimizer, cfg: DictConfig):
+    """diffusers' cosine (or constant) LR schedule with linear warm-up over ``cfg.max_steps`` optimizer steps."""
     from diffusers.optimization import get_scheduler
 
     name = "cosine" if cfg.optim.schedule == "cosine" else "constant_with_warmup"
@@ -207,11 +206,13 @@ def plot_losses(history: list[dict[str, float]], path: Path) -> Path:
 
 
 @torch.no_grad()
-def validation_loss(model, dataset, collate, cfg: DictConfig, device: torch.device, max_batches: int = 4) -> float | None:
+def validation_loss(model, dataset, cfg: DictConfig, device: torch.device, max_batches: int = 4) -> float | None:
     """Joint-task loss on the validation split with fixed noise (comparable across steps)."""
     if dataset is None or len(dataset) == 0:
         return None
-    loader = DataLoader(dataset, batch_size=int(cfg.vram.micro_batch_size), shuffle=False, collate_fn=collate)
+    from jointdit.data.dataset import collate_latents
+
+    loader = DataLoader(dataset, batch_size=int(cfg.vram.micro_batch_size), shuffle=False, collate_fn=collate_latents)
     was_training = model.training
     model.eval()
     losses = []
@@ -229,191 +230,319 @@ def validation_loss(model, dataset, collate, cfg: DictConfig, device: torch.devi
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop
+# The run
 # ----------------------------------------------------------------------------------------------
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train for ``cfg.max_steps`` optimizer steps; returns the final metrics."""
+@dataclass
+class Run:
+    """Everything one training job holds. ``model`` is what Accelerate prepared (DDP-wrapped on several
+    processes); :attr:`raw_model` is the module itself. ``step`` counts optimizer steps, ``micro`` the
+    micro-batches into the current accumulation window."""
+
+    cfg: DictConfig
+    accelerator: Any
+    tracker: Tracker
+    plan: dict[str, Any]
+    spec: LatentSpec
+    model: torch.nn.Module
+    ema: Any                                   # diffusers EMAModel or None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    sampler: EpochBatchSampler
+    loader: DataLoader
+    val_set: Any                               # LatentDataset or None
+    counts: dict[str, int]                     # trainable parameters per group (+ "frozen")
+    step: int = 0
+    micro: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val: float = math.inf
+    grad_norm: float | None = None             # of the last optimizer step, when clipping is on
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def raw_model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.paths.output_dir)
+
+    @property
+    def checkpoints_root(self) -> Path:
+        return self.output_dir / "checkpoints"
+
+    @property
+    def consumed(self) -> int:
+        """Micro-batches this process has drawn since step 0 (the data position)."""
+        return self.step * self.accelerator.gradient_accumulation_steps + self.micro
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.raw_model.parameters() if p.requires_grad]
+
+
+def build(cfg: DictConfig, accelerator, tracker: Tracker, plan: dict[str, Any]) -> Run:
+    """Data (the latent cache, built on first use for the synthetic set), the seeded model, what trains,
+    optimizer, schedule and EMA, all prepared by Accelerate."""
+    from accelerate.utils import set_seed
     from diffusers.training_utils import EMAModel
 
     from jointdit.data.dataset import CacheMissingError, LatentDataset, collate_latents, ensure_cache
 
-    output_dir = Path(cfg.paths.output_dir)
-    checkpoints_root = output_dir / "checkpoints"
+    with accelerator.main_process_first():
+        cache_dir = ensure_cache(cfg)
+    spec = training_spec(cfg)
+    train_set = LatentDataset(cache_dir, "train", seed=int(cfg.seed), spec=spec)
+    try:
+        val_set = LatentDataset(cache_dir, "val", seed=int(cfg.seed), random_crop=False, spec=spec)
+    except CacheMissingError:
+        val_set = None  # no validation split: no val loss, no "best" export
+    sampler = EpochBatchSampler(len(train_set), int(cfg.vram.micro_batch_size), int(cfg.seed),
+                                accelerator.process_index, accelerator.num_processes)
+    loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate_latents, num_workers=int(cfg.num_workers),
+                        generator=torch.Generator().manual_seed(int(cfg.seed)))
+    set_seed(int(cfg.seed))
+    model = build_model_for_spec(cfg.model, spec)
+    if cfg.stage.get("init_from"):
+        ckpt.load_into(model, cfg.stage.init_from)
+    model.set_memory_knobs(q_chunk_v=int(cfg.vram.q_chunk_v), q_chunk_a=int(cfg.vram.q_chunk_a),
+                           kv_downsample=int(cfg.vram.kv_downsample),
+                           gradient_checkpointing=bool(cfg.vram.gradient_checkpointing))
+    optimizer, counts = make_optimizer(model, cfg)
+    scheduler = make_lr_scheduler(optimizer, cfg)
+    ema = None
+    if cfg.ema.enabled:
+        ema = EMAModel([p for p in model.parameters() if p.requires_grad], decay=float(cfg.ema.decay))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if ema is not None:
+        ema.to(accelerator.device)  # saved by ckpt.save_training_state as safetensors: Accelerate would pickle it
+    log.info("trainable parameters per group: %s", counts)
+    return Run(cfg=cfg, accelerator=accelerator, tracker=tracker, plan=plan, spec=spec, model=model, ema=ema,
+               optimizer=optimizer, scheduler=scheduler, sampler=sampler, loader=loader, val_set=val_set, counts=counts)
+
+
+def log_setup(run: Run) -> None:
+    """The flattened config, trainable counts, chosen memory knobs, the resolved config and ``.hydra/``."""
+    tracker, cfg = run.tracker, run.cfg
+    if not tracker.active:
+        return
+    tracker.log_params(flatten(cfg))
+    tracker.log_params({f"trainable.{k}": v for k, v in run.counts.items()})
+    tracker.log_params({f"memory.chosen.{k}": cfg.vram[k] for k in KNOB_FIELDS})
+    tracker.log_metrics({"memory_estimated_peak_mb": run.plan["estimate_bytes"] / 2**20,
+                         "memory_budget_mb": run.plan["budget_bytes"] / 2**20}, 0)
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    resolved = run.output_dir / "config_resolved.yaml"
+    resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tracker.log_artifact(resolved)
+    tracker.log_artifact(run.output_dir / ".hydra", "hydra")
+
+
+def resume(run: Run) -> None:
+    """``checkpoint.resume``: Accelerate restores model/optimizer/scheduler/RNG; step, history and EMA come
+    from the checkpoint's own files. The data position follows from the step (:attr:`Run.consumed`)."""
+    folder = ckpt.resolve_resume(run.cfg.checkpoint.get("resume"), run.checkpoints_root)
+    if folder is None:
+        return
+    run.accelerator.load_state(str(folder))
+    state = ckpt.read_state(folder)
+    run.step, run.history = int(state["step"]), list(state["history"])
+    if run.ema is not None:
+        ckpt.load_ema(run.ema, folder, state)
+    log.info("resumed from %s at step %d", folder, run.step)
+
+
+def train_step(run: Run, batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
+    """One micro-batch: tasks, flow times, noise and condition dropout drawn from the generator of
+    ``(seed, consumed micro-batches, rank)``; forward, flow loss, backward. On the last micro-batch of
+    an accumulation window Accelerate lets the (clipped) optimizer and LR scheduler step. Returns the losses."""
+    cfg, accelerator, device = run.cfg, run.accelerator, run.device
+    objective = cfg.objective
+    with accelerator.accumulate(run.model):
+        generator = step_generator(int(cfg.seed), run.step * accelerator.gradient_accumulation_steps + micro, run.rank,
+                                   device)
+        video, audio = batch["video"].to(device), batch["audio"].to(device)  # [B,T,C,h,w], [B,C,L,F]
+        tasks = sample_tasks(OmegaConf.to_container(objective.tasks), video.shape[0], generator).to(device)
+        flow = make_flow_batch(video, audio, tasks, objective.logit_normal_mean, objective.logit_normal_std, generator)
+        cond = condition_from_batch(batch, float(objective.drop_text), float(objective.drop_image), generator, device)
+        pred_v, pred_a = run.model(flow.video, flow.audio, flow.t_video, flow.t_audio, cond, "full")
+        losses = flow_loss(pred_v, pred_a, flow, float(objective.loss_weight_video), float(objective.loss_weight_audio))
+        accelerator.backward(losses["loss"])
+        if accelerator.sync_gradients and float(cfg.optim.grad_clip) > 0:
+            run.grad_norm = float(accelerator.clip_grad_norm_(run.model.parameters(), float(cfg.optim.grad_clip)))
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return losses
+
+
+class AfterStep:
+    """Everything that happens once per optimizer step, in the order of :attr:`hooks`.
+
+    Each hook is a small method ``hook(run, losses)``; ``losses`` are the step's micro-batch means (floats).
+    To add behaviour, write a method and name it in ``hooks`` (a subclass may extend the tuple).
+    """
+
+    hooks: tuple[str, ...] = ("update_ema", "record", "log", "validate", "checkpoint", "export_best", "preview")
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.max_steps = int(cfg.max_steps)
+        self.val: float | None = None  # this step's validation loss, when validated
+        self._since = (time.perf_counter(), 0)  # (time, step) of the last log line, for samples/s
+
+    def start(self, run: Run) -> None:
+        """Called once before the first step of this process (also after a resume)."""
+        self._since = (time.perf_counter(), run.step)
+
+    def __call__(self, run: Run, losses: dict[str, float]) -> None:
+        self.val = None
+        for name in self.hooks:
+            getattr(self, name)(run, losses)
+
+    def due(self, run: Run, every: int) -> bool:
+        """Every ``every`` steps (``<= 0``: never) and at the last step."""
+        return (every > 0 and run.step % every == 0) or run.step == self.max_steps
+
+    def update_ema(self, run: Run, losses: dict[str, float]) -> None:
+        if run.ema is not None:
+            run.ema.step(run.trainable())
+
+    def record(self, run: Run, losses: dict[str, float]) -> None:
+        run.history.append({"step": run.step, **{k: losses.get(k, float("nan")) for k in ("loss", "loss_video", "loss_audio")}})
+
+    def log(self, run: Run, losses: dict[str, float]) -> None:
+        if not self.due(run, int(self.cfg.log_every)):
+            return
+        started, step0 = self._since
+        samples = (run.step - step0) * int(self.cfg.batch_size)
+        metrics = {**losses, "lr": run.scheduler.get_last_lr()[0], "peak_memory_mb": peak_memory_mb(run.device),
+                   "samples_per_s": samples / max(time.perf_counter() - started, 1e-9)}
+        if run.grad_norm is not None:
+            metrics["grad_norm"] = run.grad_norm
+        run.tracker.log_metrics(metrics, run.step)
+        self._since = (time.perf_counter(), run.step)
+
+    def validate(self, run: Run, losses: dict[str, float]) -> None:
+        if not self.due(run, int(self.cfg.checkpoint.every)):
+            return
+        self.val = validation_loss(run.raw_model, run.val_set, run.cfg, run.device)
+        if self.val is not None:
+            run.tracker.log_metrics({"val_loss": self.val}, run.step)
+            run.history[-1]["val_loss"] = self.val
+
+    def checkpoint(self, run: Run, losses: dict[str, float]) -> None:
+        if self.due(run, int(self.cfg.checkpoint.every)):
+            ckpt.save_training_state(run.accelerator, run.checkpoints_root, run.step, run.history, run.raw_model, run.ema,
+                                     int(self.cfg.checkpoint.keep))
+
+    def export_best(self, run: Run, losses: dict[str, float]) -> None:
+        if (run.accelerator.is_main_process and self.cfg.checkpoint.export and self.val is not None
+                and self.val < run.best_val):
+            run.best_val = self.val
+            export(run.raw_model, run.ema, run.output_dir / "export" / "best", run.cfg, run.spec, run.step)
+
+    def preview(self, run: Run, losses: dict[str, float]) -> None:
+        every = int(self.cfg.sample_every)
+        if run.accelerator.is_main_process and every > 0 and run.step % every == 0 and run.step < self.max_steps:
+            folder = export(run.raw_model, run.ema, run.output_dir / "export" / "preview", run.cfg, run.spec, run.step)
+            log_preview(run, folder)
+
+
+def log_preview(run: Run, folder: Path) -> None:
+    """A joint preview sample of an exported folder, logged under ``samples/step_NNNNNN``."""
+    name = f"step_{run.step:06d}"
+    for path in preview_sample(run.cfg, folder, run.output_dir / "samples" / name, run.device):
+        run.tracker.log_artifact(path, f"samples/{name}")
+
+
+def loop(run: Run, after_step: AfterStep | None = None) -> None:
+    """Micro-batches until ``max_steps`` optimizer steps; ``after_step`` once per optimizer step.
+
+    Each pass over the loader starts at the data position :attr:`Run.consumed` — including the
+    micro-batches already drawn into an accumulation window that spans an epoch boundary.
+    """
+    after_step = after_step or AfterStep(run.cfg)
+    after_step.start(run)
+    max_steps, per_epoch = int(run.cfg.max_steps), len(run.sampler)
+    window: dict[str, list[float]] = {}  # this optimizer step's micro-batch losses
+    run.model.train()
+    progress = tqdm(total=max_steps, initial=run.step, desc="train", disable=not run.accelerator.is_main_process)
+    while run.step < max_steps:
+        run.sampler.start(run.consumed // per_epoch, run.consumed % per_epoch)
+        for batch in run.loader:
+            for key, value in train_step(run, batch, run.micro).items():
+                if torch.isfinite(value):
+                    window.setdefault(key, []).append(float(value.detach()))
+            run.micro += 1
+            if not run.accelerator.sync_gradients:
+                continue
+            run.micro, run.step = 0, run.step + 1
+            losses, window = {key: sum(v) / len(v) for key, v in window.items()}, {}
+            after_step(run, losses)
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses.get('loss', float('nan')):.4f}")
+            if run.step >= max_steps:
+                break
+    progress.close()
+
+
+def finish(run: Run) -> dict[str, float]:
+    """Final metrics (every rank must hold the same weights), the last export and its preview sample,
+    the loss curve and ``metrics.json``."""
+    accelerator, cfg, history = run.accelerator, run.cfg, run.history
+    final = {"train/loss": history[-1]["loss"] if history else float("nan"), "step": float(run.step)}
+    checksums = accelerator.gather(parameter_checksum(run.raw_model).to(run.device)[None]).tolist()
+    final["ranks_in_sync"] = float(len(set(checksums)) == 1)
+    if len(set(checksums)) != 1:
+        log.error("the %d processes ended with different weights (checksums %s)", run.world, checksums)
+    if math.isfinite(run.best_val):
+        final["val/loss"] = run.best_val
+    if accelerator.is_main_process:
+        if cfg.checkpoint.export or int(cfg.sample_every) >= 0:
+            folder = export(run.raw_model, run.ema, run.output_dir / "export" / "last", cfg, run.spec, run.step)
+            if cfg.logger.get("log_model"):
+                run.tracker.log_artifact(folder, "model")
+            if int(cfg.sample_every) >= 0:
+                log_preview(run, folder)
+        if history:
+            run.tracker.log_artifact(plot_losses(history, run.output_dir / "loss_curve.png"))
+            (run.output_dir / "metrics.json").write_text(json.dumps(
+                {"final": final, "history": history, "world_size": run.world, "rank_checksums": checksums}, indent=1))
+    accelerator.wait_for_everyone()
+    return final
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Train for ``cfg.max_steps`` optimizer steps: plan memory, build, resume, loop, finish. Returns the final metrics."""
     plan = apply_memory_plan(cfg)  # before anything is built: a plan that cannot fit stops here
     accelerator = make_accelerator(cfg)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     tracker = Tracker(cfg.logger if accelerator.is_main_process else None, run_name=job_run_name(str(cfg.task_name)),
                       tags={"stage": str(cfg.stage.name), "model": str(cfg.model.preset), "data": str(cfg.data.name)})
     status = "FAILED"
     try:
-        # 1. Data: the latent cache (built on first use for the synthetic set).
-        with accelerator.main_process_first():
-            cache_dir = ensure_cache(cfg)
-        spec = training_spec(cfg)
-        train_set = LatentDataset(cache_dir, "train", seed=int(cfg.seed), spec=spec)
-        try:
-            val_set = LatentDataset(cache_dir, "val", seed=int(cfg.seed), random_crop=False, spec=spec)
-        except CacheMissingError:
-            val_set = None  # no validation split: no val loss, no "best" export
-        collate = collate_latents
-        sampler = EpochBatchSampler(len(train_set), int(cfg.vram.micro_batch_size), int(cfg.seed), rank, world)
-        loader = DataLoader(train_set, batch_sampler=sampler, collate_fn=collate,
-                            num_workers=int(cfg.num_workers), generator=torch.Generator().manual_seed(int(cfg.seed)))
-
-        # 2. Model (seeded initialisation), what trains, optimizer, schedule, EMA.
-        from accelerate.utils import set_seed
-
-        set_seed(int(cfg.seed))
-        model = build_model_for_spec(cfg.model, spec)
-        if cfg.stage.get("init_from"):
-            ckpt.load_into(model, cfg.stage.init_from)
-        model.set_memory_knobs(q_chunk_v=int(cfg.vram.q_chunk_v), q_chunk_a=int(cfg.vram.q_chunk_a),
-                               kv_downsample=int(cfg.vram.kv_downsample),
-                               gradient_checkpointing=bool(cfg.vram.gradient_checkpointing))
-        optimizer, counts = make_optimizer(model, cfg)
-        scheduler = make_scheduler(optimizer, cfg)
-        ema = EMAModel([p for p in model.parameters() if p.requires_grad], decay=float(cfg.ema.decay)) if cfg.ema.enabled else None
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        if ema is not None:
-            ema.to(device)  # saved by save_checkpoint as safetensors: Accelerate would pickle it
-        log.info("trainable parameters per group: %s", counts)
-
-        # 3. Tracking: the flattened config, the trainable counts, the resolved config and .hydra/.
-        if tracker.active:
-            tracker.log_params(flatten(cfg))
-            tracker.log_params({f"trainable.{k}": v for k, v in counts.items()})
-            tracker.log_params({f"memory.chosen.{k}": cfg.vram[k] for k in KNOBS})
-            tracker.log_metrics({"memory_estimated_peak_mb": plan["estimate_bytes"] / 2**20,
-                                 "memory_budget_mb": plan["budget_bytes"] / 2**20}, 0)
-            resolved = output_dir / "config_resolved.yaml"
-            output_dir.mkdir(parents=True, exist_ok=True)
-            resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            tracker.log_artifact(resolved)
-            tracker.log_artifact(output_dir / ".hydra", "hydra")
-
-        # 4. Resume: Accelerate restores model/optimizer/scheduler/EMA; we restore step and data position.
-        step, history = 0, []
-        resume_from = ckpt.resolve_resume(cfg.checkpoint.get("resume"), checkpoints_root)
-        if resume_from is not None:
-            accelerator.load_state(str(resume_from))
-            state = ckpt.read_state(resume_from)
-            step, history = int(state["step"]), list(state["history"])
-            if ema is not None:
-                load_ema(ema, resume_from, state)
-            log.info("resumed from %s at step %d", resume_from, step)
-
-        # 5. Train.
-        best_val = math.inf
-        accumulation = accelerator.gradient_accumulation_steps
-        micro_steps_per_epoch = len(sampler)
-        task_probs = OmegaConf.to_container(cfg.objective.tasks)
-        step_losses: dict[str, list[float]] = {}  # this optimizer step's micro-batch losses
-        micro = 0  # micro-batches into this optimizer step (an accumulation window may span epochs)
-        since_log = {"samples": 0, "start": time.perf_counter()}  # for samples/s between log lines
-        model.train()
-        progress = tqdm(total=int(cfg.max_steps), initial=step, desc="train", disable=not accelerator.is_main_process)
-        while step < int(cfg.max_steps):
-            consumed = step * accumulation
-            sampler.start(consumed // micro_steps_per_epoch, consumed % micro_steps_per_epoch)
-            for batch in loader:
-                with accelerator.accumulate(model):
-                    generator = step_generator(int(cfg.seed), step * accumulation + micro, rank, device)
-                    video, audio = batch["video"].to(device), batch["audio"].to(device)
-                    tasks = sample_tasks(task_probs, video.shape[0], generator).to(device)
-                    flow = make_flow_batch(video, audio, tasks, cfg.objective.logit_normal_mean,
-                                           cfg.objective.logit_normal_std, generator)
-                    cond = condition_from_batch(batch, float(cfg.objective.drop_text), float(cfg.objective.drop_image),
-                                                generator, device)
-                    pred_v, pred_a = model(flow.video, flow.audio, flow.t_video, flow.t_audio, cond, "full")
-                    losses = flow_loss(pred_v, pred_a, flow, float(cfg.objective.loss_weight_video),
-                                       float(cfg.objective.loss_weight_audio))
-                    accelerator.backward(losses["loss"])
-                    grad_norm = None
-                    if accelerator.sync_gradients and float(cfg.optim.grad_clip) > 0:
-                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), float(cfg.optim.grad_clip))
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-
-                for key, value in losses.items():
-                    if torch.isfinite(value):
-                        step_losses.setdefault(key, []).append(float(value.detach()))
-                since_log["samples"] += video.shape[0] * world
-                micro += 1
-                if not accelerator.sync_gradients:
-                    continue
-                micro = 0
-
-                # One optimizer step done.
-                if ema is not None:
-                    ema.step([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad])
-                step += 1
-                progress.update(1)
-                metrics = {key: sum(values) / len(values) for key, values in step_losses.items()}
-                step_losses = {}
-                history.append({"step": step, **{k: metrics.get(k, float("nan")) for k in ("loss", "loss_video", "loss_audio")}})
-                if step % int(cfg.log_every) == 0 or step == int(cfg.max_steps):
-                    elapsed = time.perf_counter() - since_log["start"]
-                    metrics.update(lr=scheduler.get_last_lr()[0], samples_per_s=since_log["samples"] / max(elapsed, 1e-9),
-                                   peak_memory_mb=peak_memory_mb(device))
-                    if grad_norm is not None:
-                        metrics["grad_norm"] = float(grad_norm)
-                    tracker.log_metrics(metrics, step)
-                    progress.set_postfix(loss=f"{metrics['loss']:.4f}")
-                    since_log = {"samples": 0, "start": time.perf_counter()}
-
-                if step % int(cfg.checkpoint.every) == 0 or step == int(cfg.max_steps):
-                    val = validation_loss(accelerator.unwrap_model(model), val_set, collate, cfg, device)
-                    save_checkpoint(accelerator, checkpoints_root, step, history, accelerator.unwrap_model(model), ema,
-                                    int(cfg.checkpoint.keep))
-                    if val is not None:
-                        tracker.log_metrics({"val_loss": val}, step)
-                        history[-1]["val_loss"] = val
-                    if accelerator.is_main_process and cfg.checkpoint.export and val is not None and val < best_val:
-                        best_val = val
-                        export(accelerator.unwrap_model(model), ema, output_dir / "export" / "best", cfg, spec, step)
-                if (accelerator.is_main_process and int(cfg.sample_every) > 0 and step % int(cfg.sample_every) == 0
-                        and step < int(cfg.max_steps)):
-                    folder = export(accelerator.unwrap_model(model), ema, output_dir / "export" / "preview", cfg, spec, step)
-                    for path in preview_sample(cfg, folder, output_dir / "samples" / f"step_{step:06d}", device):
-                        tracker.log_artifact(path, f"samples/step_{step:06d}")
-                if step >= int(cfg.max_steps):
-                    break
-        progress.close()
-
-        # 6. Export, loss curve, final metrics; every rank must hold the same weights.
-        final = {"train/loss": history[-1]["loss"] if history else float("nan"), "step": float(step)}
-        checksums = accelerator.gather(parameter_checksum(accelerator.unwrap_model(model)).to(device)[None]).tolist()
-        final["ranks_in_sync"] = float(len(set(checksums)) == 1)
-        if len(set(checksums)) != 1:
-            log.error("the %d processes ended with different weights (checksums %s)", world, checksums)
-        if math.isfinite(best_val):
-            final["val/loss"] = best_val
-        if accelerator.is_main_process:
-            if cfg.checkpoint.export or int(cfg.sample_every) >= 0:
-                folder = export(accelerator.unwrap_model(model), ema, output_dir / "export" / "last", cfg, spec, step)
-                if cfg.logger.get("log_model"):
-                    tracker.log_artifact(folder, "model")
-                if int(cfg.sample_every) >= 0:
-                    for path in preview_sample(cfg, folder, output_dir / "samples" / f"step_{step:06d}", device):
-                        tracker.log_artifact(path, f"samples/step_{step:06d}")
-            if history:
-                curve = plot_losses(history, output_dir / "loss_curve.png")
-                tracker.log_artifact(curve)
-                (output_dir / "metrics.json").write_text(json.dumps(
-                    {"final": final, "history": history, "world_size": world, "rank_checksums": checksums}, indent=1))
-        accelerator.wait_for_everyone()
+        run = build(cfg, accelerator, tracker, plan)
+        log_setup(run)
+        resume(run)
+        loop(run)
+        metrics = finish(run)
         status = "FINISHED"
-        return final
+        return metrics
     finally:
         tracker.end(status)
         accelerator.free_memory()
         reset_accelerate()
-
-
-EMA_FILE = "ema.safetensors"
 
 
 def preview_sample(cfg: DictConfig, model_folder: Path, out_dir: Path, device: torch.device) -> list[Path]:
@@ -431,42 +560,6 @@ def preview_sample(cfg: DictConfig, model_folder: Path, out_dir: Path, device: t
         "vram": OmegaConf.to_container(cfg.vram, resolve=True), "logger": {"name": "none"},
     })
     return [path for result in sample_to_files(sample_cfg) for path in result.files.values()]
-
-
-def save_checkpoint(accelerator, root: Path, step: int, history: list[dict], model, ema, keep: int) -> Path:
-    """Accelerate state (+ EMA weights as safetensors) into a temp folder, then renamed: a crash
-    never leaves a half-written checkpoint."""
-    final = ckpt.step_dir(root, step)
-    tmp = root / f".tmp_{final.name}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if accelerator.is_main_process:
-        state = {"step": step, "history": history, "model_config": dict(model.config)}
-        if ema is not None:
-            from safetensors.torch import save_file
-
-            save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
-                      str(tmp / EMA_FILE))
-            state["ema"] = {"optimization_step": int(ema.optimization_step), "decay": float(ema.decay)}
-        (tmp / ckpt.STATE_FILE).write_text(json.dumps(state, default=str))
-        ckpt.replace_dir(tmp, final)
-        ckpt.prune(root, keep)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def load_ema(ema, folder: Path, state: dict[str, Any]) -> None:
-    from safetensors.torch import load_file
-
-    shadow = load_file(str(folder / EMA_FILE))
-    if len(shadow) != len(ema.shadow_params):
-        raise ValueError(f"{folder / EMA_FILE} holds {len(shadow)} EMA tensors, this run has {len(ema.shadow_params)}")
-    for i, param in enumerate(ema.shadow_params):
-        param.data.copy_(shadow[f"shadow.{i}"])
-    ema.optimization_step = int(state["ema"]["optimization_step"])
 
 
 def cache_clip_settings(cfg: DictConfig) -> dict | None:
