@@ -97,6 +97,17 @@ class Session:
     vid_decode_chunk: int | None = None   # frames per video-decoder call (None: the codec's own setting)
     cache_dir: Path | None = None         # the latent cache of the model's data (for reference=<clip id>)
 
+    def set_vram(self, vram: Mapping | None = None, kv_downsample: int | None = None) -> None:
+        """Apply memory knobs ``{q_chunk_v, q_chunk_a, kv_downsample, vid_decode_chunk}`` (missing: off /
+        the codec's own). ``kv_downsample`` (explicit) > the export's > ``vram.kv_downsample`` > 1."""
+        vram = _plain(vram) or {}
+        exported_kv = (self.meta.get("attention") or {}).get("kv_downsample")
+        kv = kv_downsample if kv_downsample is not None else exported_kv or _knob(vram, "kv_downsample", 1)
+        self.model.set_memory_knobs(q_chunk_v=int(_knob(vram, "q_chunk_v", 0)), q_chunk_a=int(_knob(vram, "q_chunk_a", 0)),
+                                    kv_downsample=int(kv))
+        chunk = _knob(vram, "vid_decode_chunk")
+        self.vid_decode_chunk = None if chunk is None else int(chunk)
+
 
 def _knob(vram: Mapping | None, key: str, default: Any = None) -> Any:
     value = (vram or {}).get(key, default)
@@ -151,10 +162,6 @@ def load_session(checkpoint: str | Path, *, device: str | torch.device | None = 
     vram = _plain(vram) or {}
     model = checkpoints.load_model(ckpt).to(device).eval()
     meta = checkpoints.load_export_meta(ckpt)
-    exported_kv = (meta.get("attention") or {}).get("kv_downsample")
-    kv = kv_downsample if kv_downsample is not None else exported_kv or _knob(vram, "kv_downsample", 1)
-    model.set_memory_knobs(q_chunk_v=int(_knob(vram, "q_chunk_v", 0)), q_chunk_a=int(_knob(vram, "q_chunk_a", 0)),
-                           kv_downsample=int(kv))
     if isinstance(codec, tuple):
         video_codec, audio_codec = codec
     else:
@@ -175,16 +182,18 @@ def load_session(checkpoint: str | Path, *, device: str | torch.device | None = 
     else:
         raise ValueError(f"{ckpt} has no jointdit.json to read the clip geometry from; give it as "
                          f"spec={{seconds: 2.0, fps: 8, size: 64}} (manual_shapes= on the command line)")
+    if geometry.video_patch_t is None:   # a manual clip: whole temporal patches of this model
+        geometry = geometry.with_patches(model.config.video_patch_size[0], model.config.audio_patch_size[0])
     _check_fits(model, geometry)
-    chunk = _knob(vram, "vid_decode_chunk")
     latent_cache = None
     if cache_dir is not None and (meta.get("data") or {}).get("name") and meta.get("codec"):
         from jointdit.data.cache import cache_dir_for
 
         latent_cache = cache_dir_for(meta["data"], meta["codec"], cache_dir)
-    return Session(model=model, video_codec=video_codec, audio_codec=audio_codec, spec=geometry, checkpoint=ckpt,
-                   meta=meta, device=device, clip=_load_clip(clip, meta, model, device),
-                   vid_decode_chunk=None if chunk is None else int(chunk), cache_dir=latent_cache)
+    session = Session(model=model, video_codec=video_codec, audio_codec=audio_codec, spec=geometry, checkpoint=ckpt,
+                      meta=meta, device=device, clip=_load_clip(clip, meta, model, device), cache_dir=latent_cache)
+    session.set_vram(vram, kv_downsample)
+    return session
 
 
 def _check_fits(model, g: LatentSpec) -> None:
@@ -217,6 +226,7 @@ class SampleRequest:
     overwrite        reuse an existing ``name`` (its files are replaced); otherwise it is refused
     outputs          which files to write per seed: mp4, video_mp4, wav, png
     batch_size       seeds integrated together in one solver call (1: one at a time, least memory)
+    max_t            sample at most this many latent video frames (``LatentSpec.crop``; 0: the whole clip)
     """
 
     task: str = "joint"
@@ -236,6 +246,7 @@ class SampleRequest:
     overwrite: bool = False
     outputs: Sequence[str] = OUTPUT_KINDS
     batch_size: int = 1
+    max_t: int = 0
 
 
 @dataclass
@@ -359,6 +370,8 @@ def check_request(request: SampleRequest) -> None:
         raise ConfigError(f"steps={request.steps} must be >= 1")
     if int(request.batch_size) < 1:
         raise ConfigError(f"batch_size={request.batch_size} must be >= 1")
+    if int(request.max_t or 0) < 0:
+        raise ConfigError(f"max_t={request.max_t} must be >= 0 (0: the whole clip)")
     _seeds(request.seeds)
     need = {"i2sv": request.image if request.image is not None else request.reference,
             "a2v": request.audio, "v2a": request.video}.get(request.task, True)
@@ -453,7 +466,7 @@ def generate(session: Session, request: SampleRequest,
 
     check_request(request)
     task, steps, seeds = request.task, int(request.steps), _seeds(request.seeds)
-    geometry, entry = session.spec, None
+    geometry, entry = session.spec.crop(int(request.max_t or 0)), None
     ref = request.reference
     if task == "i2sv" and request.image is None and isinstance(ref, str) and not Path(ref).expanduser().exists():
         from jointdit.io.conditions import cache_entry
@@ -490,6 +503,8 @@ def generate(session: Session, request: SampleRequest,
             done += steps * len(seeds[i:i + bs])
 
         samples = []
+        if folder is not None:
+            _write_request(folder / "request.json", session, request, geometry, guidance, (shift_video, shift_audio))
         for seed, (z_v, z_a) in zip(seeds, latents):
             frames, wave = _decode(session, geometry, task, z_v[None], z_a[None])
             files = {}
@@ -504,6 +519,34 @@ def generate(session: Session, request: SampleRequest,
             shutil.rmtree(folder, ignore_errors=True)
         raise
     return SampleResult(request, samples, geometry.fps, geometry.sample_rate, folder)
+
+
+def _describe_input(value: Any) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if isinstance(value, Path):
+        return str(value)
+    shape = getattr(value, "shape", None)
+    return f"<{type(value).__name__} {tuple(shape)}>" if shape is not None else f"<{type(value).__name__}>"
+
+
+def _write_request(path: Path, session: Session, request: SampleRequest, spec: LatentSpec, guidance,
+                   shifts: tuple[float, float]) -> None:
+    """``request.json``: what made this folder (model, request, geometry, guidance, shifts, knobs)."""
+    import json
+
+    from jointdit.safeio import write_text
+
+    fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
+    fields.update({k: _describe_input(fields[k]) for k in ("image", "reference", "audio", "video", "out_dir")})
+    fields["guidance"] = repr(guidance)
+    fields["seeds"], fields["outputs"] = list(_seeds(request.seeds)), list(request.outputs)
+    knobs = session.model.knobs
+    record = {"checkpoint": str(session.checkpoint), "step": session.meta.get("step"), "request": fields,
+              "spec": spec.to_json(), "shift_video": shifts[0], "shift_audio": shifts[1],
+              "vram": {"q_chunk_v": knobs.q_chunk_v, "q_chunk_a": knobs.q_chunk_a, "kv_downsample": knobs.kv_downsample,
+                       "vid_decode_chunk": session.vid_decode_chunk}}
+    write_text(path, json.dumps(record, indent=1, default=str))
 
 
 @torch.inference_mode()
@@ -538,7 +581,7 @@ def request_from_cfg(cfg: DictConfig | Mapping) -> SampleRequest:
         shift_audio=_opt_float((get("schedule") or {}).get("shift_audio")),
         out_dir=None if get("out_dir") is None else str(get("out_dir")), name=get("name"),
         overwrite=bool(get("overwrite", False)), outputs=tuple(_plain(get("outputs")) or OUTPUT_KINDS),
-        batch_size=int(get("batch_size", 1) or 1))
+        batch_size=int(get("batch_size", 1) or 1), max_t=int(get("max_t", 0) or 0))
 
 
 def sample_to_files(cfg: DictConfig | Mapping) -> SampleResult:

@@ -9,6 +9,7 @@ what was written, and the video decoder's calls are observed with a forward hook
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 from pathlib import Path
@@ -177,6 +178,44 @@ def test_inputs_may_be_in_memory(session, inputs):
     assert torch.equal(res.frames[0], torch.ones(3, SIZE, SIZE))
 
 
+def test_max_t_samples_a_shorter_clip_with_equal_durations(session, inputs):
+    from jointdit.sample import SampleRequest, generate
+
+    res = generate(session, SampleRequest(task="v2a", video=str(inputs["mp4"]), max_t=4, steps=1, guidance="none"))
+    assert res.frames.shape[0] == 4 and res.samples[0].z_video.shape[0] == 4
+    assert res.wave.shape[0] == SR // 2                     # 4 frames at 8 fps = 0.5 s of sound
+    assert res.samples[0].z_audio.shape[1] == 48            # 50 mel steps trimmed to whole audio patches (4)
+
+
+def test_a_manual_clip_geometry(checkpoint):
+    """spec={seconds, fps, size}: shapes through the codecs, trimmed to the model's whole temporal patches."""
+    from jointdit.sample import SampleRequest, generate, load_session
+
+    session = load_session(checkpoint, device="cpu", spec={"seconds": 0.625, "fps": 8, "size": 16})
+    assert session.spec.video_shape == (5, 192, 2, 2) and session.spec.audio_shape[1] == 60   # whole audio patches of 4
+    res = generate(session, SampleRequest(steps=1, guidance="none"))
+    assert res.frames.shape == (5, 3, 16, 16) and res.wave.shape == (10000,)
+
+
+def test_timestep_shift_and_iso_weights_follow_the_export(session, monkeypatch):
+    """No shift given: the export's rule at this token count; no iso_prob in the export: iso weights off."""
+    from jointdit.diffusion.guidance import JointCFG
+    from jointdit.diffusion.sampler import sample_latents
+    from jointdit.diffusion.schedule import ShiftRule, export_entry
+    from jointdit.sample import SampleRequest, generate
+
+    monkeypatch.setitem(session.meta, "timestep_shift", export_entry(ShiftRule(method="constant", shift=3.0), 1, 1))
+    res = generate(session, SampleRequest(steps=2, seeds=[1], guidance="none"))
+    z_v, z_a = sample_latents(session.model, fx.VIDEO_SHAPE, fx.AUDIO_SHAPE, steps=2, seed=1, guidance=JointCFG(),
+                              shift_video=3.0, shift_audio=3.0)
+    torch.testing.assert_close(res.samples[0].z_video, z_v[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(res.samples[0].z_audio, z_a[0], atol=1e-5, rtol=1e-5)
+    with pytest.warns(UserWarning, match="overrides the model's timestep shift"):
+        generate(session, SampleRequest(steps=1, guidance="none", shift_video=1.0))
+    with pytest.warns(UserWarning, match="not trained with an iso mode"):
+        generate(session, SampleRequest(steps=1, guidance="jointcfg"))
+
+
 # --------------------------------------------------------------------------------------------------
 # nothing is overwritten
 # --------------------------------------------------------------------------------------------------
@@ -191,7 +230,10 @@ def test_no_call_overwrites_an_earlier_one(session, inputs, tmp_path):
     with pytest.raises(OutputExistsError, match="take1 already holds samples(.|\n)*overwrite=true"):
         generate(session, _request("joint", inputs, tmp_path, seeds=[4], name="take1"))
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in first.files} == before   # untouched
-    assert sorted(p.name for p in first.folder.iterdir()) == sorted(p.name for p in first.files)
+    assert sorted(p.name for p in first.folder.iterdir()) == sorted([*(p.name for p in first.files), "request.json"])
+    record = json.loads((first.folder / "request.json").read_text())
+    assert record["request"]["seeds"] == [3] and record["request"]["task"] == "joint"
+    assert record["checkpoint"] == str(session.checkpoint) and record["spec"]["video_shape"] == list(fx.VIDEO_SHAPE)
     again = generate(session, _request("joint", inputs, tmp_path, seeds=[4], name="take1", overwrite=True))
     assert again.folder == first.folder and all(p.exists() for p in again.files)
     assert sorted(os.listdir(tmp_path)) == sorted([first.folder.name, other.folder.name])
