@@ -85,6 +85,26 @@ def probe_duration(path: str | os.PathLike) -> float:
         return max(float(s.duration * s.time_base) for s in container.streams if s.duration)
 
 
+def probe_video(path: str | os.PathLike) -> tuple[float, tuple[int, int], float]:
+    """``(fps, (height, width), seconds)`` of a file's first video stream, from its header (seconds =
+    frames / fps when the frame count is stored)."""
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.video:
+            raise MediaError(path, "no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        if fps <= 0:
+            raise MediaError(path, "video stream has no frame rate")
+        if stream.frames:
+            seconds = stream.frames / fps
+        elif stream.duration is not None:
+            seconds = float(stream.duration * stream.time_base)
+        else:
+            seconds = container.duration / av.time_base
+        return fps, (int(stream.height), int(stream.width)), float(seconds)
+
+
 def resize_center_crop(frames: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[T,3,H,W] -> [T,3,h,w]: scale so the frame covers (h, w), then crop the centre."""
     target_h, target_w = size
@@ -278,7 +298,19 @@ def write_mp4(
                         container.mux(packet)
                 for packet in audio.encode():
                     container.mux(packet)
-    return atomic_write(path, write)
+
+    try:
+        return atomic_write(path, write)
+    except av.error.FFmpegError as err:
+        raise MediaError(path, f"cannot be encoded as H.264{' + AAC' if wave is not None else ''} ({err})") from err
+
+
+def write_png(path: str | os.PathLike, image: torch.Tensor) -> Path:
+    """Write an image ``[3, H, W]`` in [-1, 1] as an 8-bit RGB PNG."""
+    from PIL import Image
+
+    picture = _to_uint8(image[None])[0]                                                  # [H, W, 3] uint8
+    return atomic_write(path, lambda handle: Image.fromarray(picture).save(handle, format="PNG"))
 
 
 def write_wav(path: str | os.PathLike, wave: torch.Tensor, sample_rate: int) -> Path:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from jointdit.data.media import MediaError, probe_duration, read_clip, read_wav, write_mp4, write_wav
+from jointdit.data.media import (MediaError, probe_duration, probe_video, read_clip, read_image, read_wav, write_mp4,
+                                 write_png, write_wav)
 
 FPS, SR, SIZE = 8, 16000, 32
 
@@ -121,3 +122,42 @@ def test_write_is_atomic_on_failure(tmp_path):
     with pytest.raises(ValueError, match="even frame sizes"):
         write_mp4(tmp_path / "odd.mp4", torch.zeros(4, 3, 33, 33), FPS)
     assert list(tmp_path.iterdir()) == []  # no half-written file, no temp left behind
+
+
+def test_a_failing_write_keeps_the_earlier_file_and_leaves_no_temp(tmp_path):
+    frames, wave = _clip(1.0)
+    path = write_mp4(tmp_path / "clip.mp4", frames, FPS, wave, SR)
+    before = path.read_bytes()
+    with pytest.raises(MediaError, match=r"clip.mp4: cannot be encoded as H.264 \+ AAC"):  # AAC refuses 1 Hz mid-write
+        write_mp4(path, frames, FPS, wave, sample_rate=1)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip.mp4"]
+
+
+def test_written_files_get_the_umask_permissions(tmp_path):
+    import os
+
+    old = os.umask(0o027)
+    try:
+        files = [write_wav(tmp_path / "a.wav", torch.zeros(160), SR), write_mp4(tmp_path / "a.mp4", torch.zeros(2, 3, 16, 16), FPS),
+                 write_png(tmp_path / "a.png", torch.zeros(3, 16, 16))]
+    finally:
+        os.umask(old)
+    assert all((p.stat().st_mode & 0o777) == 0o640 for p in files)
+
+
+def test_png_and_probe_round_trip(tmp_path):
+    from PIL import Image
+
+    image = torch.linspace(-1, 1, 3 * 8 * 12).reshape(3, 8, 12)
+    path = write_png(tmp_path / "frame.png", image)
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size == (12, 8) and im.mode == "RGB"
+        raw = torch.from_numpy(np.array(im)).permute(2, 0, 1).float() / 127.5 - 1
+    assert (raw - image).abs().max() <= 1 / 127.5
+    torch.testing.assert_close(read_image(path), raw)
+    frames, wave = _clip(2.0)
+    fps, size, seconds = probe_video(write_mp4(tmp_path / "c.mp4", frames[:, :, :, :24], FPS, wave, SR))
+    assert fps == FPS and size == (SIZE, 24) and seconds == pytest.approx(2.0)
+    with pytest.raises(MediaError, match="no such file"):
+        probe_video(tmp_path / "none.mp4")
