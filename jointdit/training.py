@@ -258,6 +258,7 @@ class Run:
     history: list[dict[str, float]] = field(default_factory=list)
     best_val: float = math.inf
     grad_norm: float | None = None             # of the last optimizer step, when clipping is on
+    eval_summary: dict[str, float] = field(default_factory=dict)  # the last AfterStep.evaluate's figures
 
     @property
     def device(self) -> torch.device:
@@ -394,12 +395,14 @@ class AfterStep:
     To add behaviour, write a method and name it in ``hooks`` (a subclass may extend the tuple).
     """
 
-    hooks: tuple[str, ...] = ("update_ema", "record", "log", "validate", "checkpoint", "export_best", "preview")
+    hooks: tuple[str, ...] = ("update_ema", "record", "log", "validate", "checkpoint", "export_best", "preview",
+                              "evaluate")
 
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.max_steps = int(cfg.max_steps)
         self.val: float | None = None  # this step's validation loss, when validated
+        self.evaluator = None  # jointdit.evaluate.in_training.TrainingEvaluator, built at the first evaluation
         self._since = (time.perf_counter(), 0)  # (time, step) of the last log line, for samples/s
 
     def start(self, run: Run) -> None:
@@ -460,6 +463,19 @@ class AfterStep:
             log_preview(run, folder)
 
 
+    def evaluate(self, run: Run, losses: dict[str, float]) -> None:
+        """``eval.every`` steps and at the last step: sync and event metrics of a few samples, an MP4 and
+        the sync PNG logged to the run (:mod:`jointdit.evaluate.in_training`)."""
+        every = int((self.cfg.get("eval") or {}).get("every", 0))
+        if run.accelerator.is_main_process and every > 0 and self.due(run, every):
+            from jointdit.evaluate.in_training import TrainingEvaluator
+
+            self.evaluator = self.evaluator or TrainingEvaluator(self.cfg)
+            folder = export(run.raw_model, run.ema, run.output_dir / "export" / "eval", run.cfg, run.spec, run.step)
+            run.eval_summary = self.evaluator(folder, run.output_dir / "eval" / f"step_{run.step:06d}", run.tracker,
+                                              run.step, run.device)
+
+
 def log_preview(run: Run, folder: Path) -> None:
     """A joint preview sample of an exported folder, logged under ``samples/step_NNNNNN``."""
     name = f"step_{run.step:06d}"
@@ -509,6 +525,7 @@ def finish(run: Run) -> dict[str, float]:
         log.error("the %d processes ended with different weights (checksums %s)", run.world, checksums)
     if math.isfinite(run.best_val):
         final["val/loss"] = run.best_val
+    final.update({f"eval/{k}": v for k, v in run.eval_summary.items()})  # optimized_metric may name one
     if accelerator.is_main_process:
         if cfg.checkpoint.export or int(cfg.sample_every) >= 0:
             folder = export(run.raw_model, run.ema, run.output_dir / "export" / "last", cfg, run.spec, run.step)

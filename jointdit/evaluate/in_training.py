@@ -34,7 +34,7 @@ class TrainingEvaluator:
         ev = to_plain(cfg.eval)
         self.plan = SamplingPlan(tasks=tuple(ev.get("tasks") or ("joint",)), num_clips=int(ev.get("num_clips", 4)),
                                  seed=int(ev.get("seed", 0)), steps=int(ev.get("steps", 10)),
-                                 guidance=ev.get("guidance") or "jointcfg")
+                                 guidance=ev.get("guidance") or to_plain(cfg.get("guidance")) or "jointcfg")
         SamplingPlan.from_config(self.plan.__dict__)  # the same checks as the evaluate CLI's
         self.settings = DetectorSettings.from_config(ev.get("detector"))
         self.num_real = int(ev.get("num_real", 8))
@@ -51,14 +51,21 @@ class TrainingEvaluator:
 
     def __call__(self, model_folder: str | Path, out_dir: str | Path, tracker, step: int,
                  device: Any = None) -> dict[str, float]:
-        """Sample, score and log; returns the combined summary (``<task>/<figure>`` keys)."""
+        """Sample, score and log; returns the combined summary (``<task>/<figure>`` keys).
+
+        Sampling runs under fixed seeds, so the caller's RNG state is saved and restored: evaluating
+        does not change what training draws next (resume stays exact).
+        """
         from jointdit.sample import load_session
+
+        import torch
 
         session = load_session(model_folder, device=device)
         real, events, captions = self._real_clips(session.spec)
         out_dir = Path(out_dir)
-        reports, generated = evaluate_session(session, real, events, captions, self.plan, self.settings, out_dir,
-                                              with_distances=min(len(real), self.plan.num_clips) >= 2)
+        with torch.random.fork_rng(devices=[session.device] if session.device.type == "cuda" else []):
+            reports, generated = evaluate_session(session, real, events, captions, self.plan, self.settings, out_dir,
+                                                  with_distances=min(len(real), self.plan.num_clips) >= 2)
         summary = combined_summary(reports)
         tracker.log_metrics({f"eval/{k}": v for k, v in summary.items()}, step)
         task = self.plan.tasks[0]
