@@ -30,7 +30,8 @@ from jointdit.memory import KNOB_FIELDS
 from jointdit.latents import EXPORT_FORMAT, LatentSpec, spec_for_config
 from jointdit.diffusion.flow import flow_loss, make_flow_batch, sample_tasks
 from jointdit.models import Condition
-from jointdit.tracking import Tracker, flatten, job_run_name
+from jointdit.tracking import Tracker, log_dataset, log_model, open_run, run_params
+from jointdit.train_log import LossMeter, format_log_line
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,12 @@ def apply_memory_plan(cfg: DictConfig) -> dict[str, Any]:
 def make_accelerator(cfg: DictConfig):
     from accelerate import Accelerator, DistributedDataParallelKwargs, PartialState
 
+    from jointdit.launch import mixed_precision
+
     # cpu=True lets several CPU processes (`accelerate launch`, torchrun) form a gloo group.
     state = PartialState(cpu=not torch.cuda.is_available())
     on_cpu = state.device.type == "cpu"
-    precision = "no" if on_cpu else str(cfg.vram.mixed_precision)
+    precision = "no" if on_cpu else mixed_precision(cfg.vram.mixed_precision)  # a YAML `no` (False) is "no"
     micro = int(cfg.vram.micro_batch_size)
     accumulation = max(1, int(cfg.batch_size) // (micro * state.num_processes))
     # Without CLIP features the condition projections get no gradient; DDP must be told.
@@ -338,7 +341,9 @@ def log_setup(run: Run) -> None:
     tracker, cfg = run.tracker, run.cfg
     if not tracker.active:
         return
-    tracker.log_params(flatten(cfg))
+    tracker.log_params(run_params(cfg, dict(run.raw_model.config)))  # model.* as built, not the config's nulls
+    train_set = run.loader.dataset
+    log_dataset(tracker, cfg, train_set.cache_dir, {"train": len(train_set), "val": len(run.val_set or [])})
     tracker.log_params({f"trainable.{k}": v for k, v in run.counts.items()})
     tracker.log_params({f"memory.chosen.{k}": cfg.vram[k] for k in KNOB_FIELDS})
     tracker.log_metrics({"memory_estimated_peak_mb": run.plan["estimate_bytes"] / 2**20,
@@ -404,10 +409,12 @@ class AfterStep:
         self.val: float | None = None  # this step's validation loss, when validated
         self.evaluator = None  # jointdit.evaluate.in_training.TrainingEvaluator, built at the first evaluation
         self._since = (time.perf_counter(), 0)  # (time, step) of the last log line, for samples/s
+        self.meter = LossMeter()  # losses averaged over the steps since the last log line, and their EMA
 
     def start(self, run: Run) -> None:
         """Called once before the first step of this process (also after a resume)."""
         self._since = (time.perf_counter(), run.step)
+        self.meter.reset()
 
     def __call__(self, run: Run, losses: dict[str, float]) -> None:
         self.val = None
@@ -426,15 +433,25 @@ class AfterStep:
         run.history.append({"step": run.step, **{k: losses.get(k, float("nan")) for k in ("loss", "loss_video", "loss_audio")}})
 
     def log(self, run: Run, losses: dict[str, float]) -> None:
+        """Means since the last log line over every rank's steps (plus ``loss_ema``), to MLflow and one line
+        to the console and ``train.log``."""
+        self.meter.update(losses, samples=int(self.cfg.batch_size))
         if not self.due(run, int(self.cfg.log_every)):
             return
-        started, step0 = self._since
-        samples = (run.step - step0) * int(self.cfg.batch_size)
-        metrics = {**losses, "lr": run.scheduler.get_last_lr()[0], "peak_memory_mb": peak_memory_mb(run.device),
-                   "samples_per_s": samples / max(time.perf_counter() - started, 1e-9)}
+        if run.world > 1:
+            from accelerate.utils import gather_object
+
+            windows = gather_object([(self.meter.sums, self.meter.counts)])  # every rank, in rank order
+            self.meter.sums, self.meter.counts = {}, {}
+            for sums, counts in windows:
+                self.meter.merge(sums, counts)
+        metrics = {**self.meter.pop(), "lr": run.scheduler.get_last_lr()[0],
+                   "peak_memory_mb": peak_memory_mb(run.device)}
         if run.grad_norm is not None:
             metrics["grad_norm"] = run.grad_norm
         run.tracker.log_metrics(metrics, run.step)
+        if run.accelerator.is_main_process:
+            log.info(format_log_line(run.step, self.max_steps, metrics))
         self._since = (time.perf_counter(), run.step)
 
     def validate(self, run: Run, losses: dict[str, float]) -> None:
@@ -530,7 +547,7 @@ def finish(run: Run) -> dict[str, float]:
         if cfg.checkpoint.export or int(cfg.sample_every) >= 0:
             folder = export(run.raw_model, run.ema, run.output_dir / "export" / "last", cfg, run.spec, run.step)
             if cfg.logger.get("log_model"):
-                run.tracker.log_artifact(folder, "model")
+                log_model(run.tracker, folder, cfg.logger.get("register_model"))
             if int(cfg.sample_every) >= 0:
                 log_preview(run, folder)
         if history:
@@ -545,8 +562,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Train for ``cfg.max_steps`` optimizer steps: plan memory, build, resume, loop, finish. Returns the final metrics."""
     plan = apply_memory_plan(cfg)  # before anything is built: a plan that cannot fit stops here
     accelerator = make_accelerator(cfg)
-    tracker = Tracker(cfg.logger if accelerator.is_main_process else None, run_name=job_run_name(str(cfg.task_name)),
-                      tags={"stage": str(cfg.stage.name), "model": str(cfg.model.preset), "data": str(cfg.data.name)})
+    tracker = open_run(cfg, accelerator.is_main_process)  # rank 0 only: named, tagged, system metrics
     status = "FAILED"
     try:
         run = build(cfg, accelerator, tracker, plan)

@@ -169,6 +169,8 @@ def test_accelerate_launch_runs_two_cpu_processes_into_one_run_folder(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("train").experiment_id])
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert runs[0].data.params["paths.output_dir"] == str(run_dir)
+    log_lines = [line for line in (run_dir / "train.log").read_text().splitlines() if "| loss " in line]
+    assert [line.split(" | ")[0].split()[-2:] for line in log_lines] == [["step", "1/2"], ["step", "2/2"]]
 
 
 def _launch(tmp_path: Path, run_dir: Path, *overrides: str) -> dict:

@@ -195,3 +195,31 @@ def test_dataset_model_registry_and_system_metrics_reach_mlflow(tmp_path, hydra_
     (version,) = client.search_model_versions("name='jointdit-demo'")
     assert version.run_id == run.info.run_id
     assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics), run.data.metrics.keys()
+
+
+def test_a_training_run_is_identified_and_logs_window_means(tmp_path):
+    """One real run: its name, dataset input, model artifact, None-free params, losses averaged over each
+    log window (oracle: the per-step history in metrics.json), and one train.log line per log step."""
+    import json
+    import re
+
+    run_dir = tmp_path / "run"
+    result = run_module("jointdit.train", *SMALL, "max_steps=4", "log_every=2", "logger.system_metrics=false",
+                        "tags=[smoke]", f"hydra.run.dir={run_dir}", env={"JOINTDIT_ROOT": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert run.info.run_name.startswith("data.num_clips=8,data.size=32") and "hydra.run.dir" not in run.info.run_name
+    assert run.data.tags["smoke"] == "true" and "mlflow.source.git.commit" in run.data.tags
+    assert "None" not in run.data.params.values() and run.data.params["model.hidden_size"] == "64"
+    assert run.data.params["model.depth"] == "2" and "model.video_in_channels" in run.data.params
+    (entry,) = run.inputs.dataset_inputs
+    assert '"train": 6' in entry.dataset.profile and entry.dataset.name == "synthetic-pixel_mel"
+    assert "model/config.json" in {a.path for a in client.list_artifacts(run.info.run_id, "model")}
+    steps = [h["loss"] for h in json.loads((run_dir / "metrics.json").read_text())["history"]]
+    logged = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    assert logged == pytest.approx({2: (steps[0] + steps[1]) / 2, 4: (steps[2] + steps[3]) / 2}, rel=1e-6)
+    assert "loss_ema" in run.data.metrics
+    lines = re.findall(r"step (\d+)/4 \| loss ([0-9.]+) \| loss_ema", (run_dir / "train.log").read_text())
+    assert [int(s) for s, _ in lines] == [2, 4]
+    assert float(lines[0][1]) == pytest.approx(logged[2], abs=1e-4)
