@@ -11,7 +11,8 @@ plan.seed + i:
 Generated clip names are ``<c's id>_<task>_s<s>``, so event accuracy finds c's known events. The
 same seeds, steps and guidance on the same conditions give the same clips (``generate`` is seeded).
 Real clips are read at the model's own geometry (fps, size, seconds, sample rate), so references and
-samples are scored on equal terms.
+samples are scored on equal terms. A model trained only in ``iso`` attention (no cross-modal attention)
+is sampled in ``iso`` mode (``sampling.attention: auto``), as it was trained.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from jointdit.data.media import Clip, read_clip, write_mp4
 from jointdit.evaluate.evaluation import TASKS, EvalReport, evaluate_clips
@@ -41,6 +44,7 @@ class SamplingPlan:
     shift_video: float = 1.0
     shift_audio: float = 1.0
     batch_size: int = 1
+    attention: str = "auto"     # full | iso | auto (iso for a model never trained in full attention)
 
     @classmethod
     def from_config(cls, cfg: Mapping | None, guidance: Any = None) -> SamplingPlan:
@@ -58,9 +62,53 @@ class SamplingPlan:
         unknown = sorted(set(values) - set(cls.__dataclass_fields__))
         if unknown:
             raise ConfigError(f"unknown sampling setting(s) {unknown}", hint=f"known: {sorted(cls.__dataclass_fields__)}")
+        if values.get("attention", "auto") not in ("auto", "full", "iso"):
+            raise ConfigError(f"sampling.attention={values['attention']!r}: choose auto, full or iso")
         if int(values.get("num_clips", 1)) < 1 or int(values.get("steps", 1)) < 1:
             raise ConfigError("sampling.num_clips and sampling.steps must be >= 1")
         return cls(**values)
+
+
+class FixedAttention(torch.nn.Module):
+    """The wrapped JointDiT run in one attention ``mode`` whatever mode the sampler asks for.
+
+    The sampler's positive branch runs in ``full`` mode; an iso model (trained with each modality blind
+    to the other, ``objective.iso_prob: 1``) is sampled as it was trained by wrapping it in ``iso``.
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: str):
+        super().__init__()
+        self.inner, self.mode = model, mode
+
+    def forward(self, z_video, z_audio, t_video, t_audio, cond=None, mode=None, *args, **kwargs):
+        return self.inner(z_video, z_audio, t_video, t_audio, cond, self.mode, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def attention_mode(plan: SamplingPlan, meta: Mapping[str, Any]) -> str:
+    """``plan.attention``, with ``auto`` → ``iso`` when the export's ``iso_prob`` left no ``full`` samples."""
+    if plan.attention != "auto":
+        return plan.attention
+    from jointdit.diffusion.flow import mode_probabilities
+
+    probs = mode_probabilities(meta.get("iso_prob"))
+    return "iso" if probs.get("full", 0.0) <= 0.0 and probs.get("iso", 0.0) > 0.0 else "full"
+
+
+def with_attention(session, plan: SamplingPlan):
+    """The session itself, or a copy whose model runs in the plan's attention mode (see ``FixedAttention``)."""
+    import dataclasses
+
+    mode = attention_mode(plan, session.meta or {})
+    if mode == "full":
+        return session
+    log.info("sampling %s with attention mode %s", session.checkpoint, mode)
+    return dataclasses.replace(session, model=FixedAttention(session.model, mode).eval())
 
 
 def read_real_at(refs: Sequence[Any], fps: float, size: int | tuple[int, int], seconds: float,
@@ -115,6 +163,7 @@ def evaluate_session(session, real: Sequence[Clip], events: Mapping[str, Sequenc
     Returns ({task: report}, {task: generated clips}); with ``out_dir`` the samples are written to
     ``<out_dir>/samples/<task>/``.
     """
+    session = with_attention(session, plan)
     real = list(real)
     real_analyses = [analyse_clip(c, settings, clip_name(c, f"real_{i:04d}")) for i, c in enumerate(real)]
     reports, generated = {}, {}

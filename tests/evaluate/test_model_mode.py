@@ -102,3 +102,28 @@ def test_sampling_plan_rejects_unknown_tasks_and_keys():
     with pytest.raises(ConfigError, match="num_clip"):
         SamplingPlan.from_config({"num_clip": 3})
     assert SamplingPlan.from_config({"tasks": "v2a"}).tasks == ("v2a",)
+
+
+def test_an_iso_trained_model_is_sampled_blind_to_the_other_modality():
+    from jointdit.evaluate.sampling import FixedAttention, SamplingPlan, attention_mode
+
+    auto = SamplingPlan()
+    assert attention_mode(auto, {"iso_prob": 1.0}) == "iso"
+    assert attention_mode(auto, {"iso_prob": 0.2}) == "full" and attention_mode(auto, {}) == "full"
+    assert attention_mode(SamplingPlan(attention="iso"), {}) == "iso"
+
+    torch.manual_seed(0)
+    model = fx.tiny_model()
+    fx._train(model, steps=3)  # non-zero adaLN gates, so attention reaches the outputs
+    model.eval()
+    video, t = torch.randn(1, *fx.VIDEO_SHAPE), torch.full((1,), 0.5)
+    audio_a, audio_b = torch.randn(1, *fx.AUDIO_SHAPE), torch.randn(1, *fx.AUDIO_SHAPE)
+    with torch.no_grad():
+        full_a, _ = model(video, audio_a, t, t, None, "full")
+        full_b, _ = model(video, audio_b, t, t, None, "full")
+        wrapped = FixedAttention(model, "iso")
+        iso_a, _ = wrapped(video, audio_a, t, t, None, "full")  # the sampler asks for full...
+        iso_b, _ = wrapped(video, audio_b, t, t, None, "full")
+    assert not torch.allclose(full_a, full_b)  # the joint model's video hears the audio
+    torch.testing.assert_close(iso_a, iso_b)  # ...the wrapped one's does not
+    assert wrapped.config is model.config
