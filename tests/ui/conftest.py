@@ -1,0 +1,104 @@
+"""UI fixtures: one tiny model trained in-process (Hydra compose + the real trainer, 2 steps, MLflow
+logging the exported model), the real Gradio app on a free loopback port, and Debian's Chromium
+driven by Playwright (never Playwright's own browser download)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+import jointdit  # noqa: F401  (torchvision fix)
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
+                 "--no-first-run", "--disable-component-update", "--disable-sync",
+                 "--autoplay-policy=no-user-gesture-required"]
+# 8 synthetic clips of 1 s at 32 px (6 train, 2 held out), a 2-block width-64 model, 2 optimizer steps.
+TINY = ["data.num_clips=8", "data.size=32", "data.seconds=1.0", "data.val_fraction=0.25", "model.hidden_size=64",
+        "model.depth=2", "model.num_heads=2", "vram.micro_batch_size=2", "batch_size=2", "optim.warmup_steps=1",
+        "max_steps=2", "checkpoint.every=2", "sample_every=-1", "log_every=1", "logger.log_model=true"]
+RUN = "outputs/2026-01-01/00-00-00"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ui_root(tmp_path_factory) -> Path:
+    """A project root holding a trained tiny run: ``outputs/<run>/export/{last,best}``, its latent cache
+    (with held-out clips) and an MLflow run that logged the exported model."""
+    from omegaconf import OmegaConf
+
+    from jointdit.config import compose
+    from jointdit.training import train
+
+    root = tmp_path_factory.mktemp("ui_root")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("JOINTDIT_")]:
+            mp.delenv(key)
+        mp.chdir(root)  # MLflow puts a sqlite store's artifacts under ./mlruns
+        cfg = compose("train", [f"paths.root_dir={root}", *TINY])
+        OmegaConf.set_struct(cfg, False)
+        cfg.paths.output_dir = str(root / RUN)  # Hydra sets it at run time; compose() does not
+        train(cfg)
+    assert (root / RUN / "export" / "last" / "jointdit.json").is_file()
+    return root
+
+
+@pytest.fixture(scope="session")
+def model_folder(ui_root) -> Path:
+    return ui_root / RUN / "export" / "last"
+
+
+@pytest.fixture(scope="session")
+def app(ui_root, model_folder, tmp_path_factory):
+    """The real app, launched in-process on a free loopback port: ``(studio, demo, url)``."""
+    from jointdit.config import compose
+    from jointdit.ui.app import launch
+
+    out_dir = tmp_path_factory.mktemp("ui_out")
+    with pytest.MonkeyPatch.context() as mp:
+        for key in [k for k in os.environ if k.startswith("JOINTDIT_")]:
+            mp.delenv(key)
+        mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+        cfg = compose("ui", [f"paths.root_dir={ui_root}", f"checkpoint={model_folder}", f"port={free_port()}",
+                             "block=false", "steps=4", f"out_dir={out_dir}"])
+        studio, demo, url = launch(cfg)
+    try:
+        yield studio, demo, url
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium through Playwright; skips (with the reason) only where it is not installed."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.skip(f"{CHROMIUM} is not installed: run `make browser` (apt-get install -y chromium, as root)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def page(browser, app):
+    _, _, url = app
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    pg = context.new_page()
+    pg.set_default_timeout(60_000)
+    pg.goto(url)
+    pg.wait_for_selector("#generate-joint")
+    try:
+        yield pg
+    finally:
+        context.close()
