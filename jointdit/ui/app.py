@@ -24,6 +24,7 @@ import html
 import logging
 import random
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,8 @@ log = logging.getLogger(__name__)
 TASK_TITLES = {"joint": "text → video + sound", "i2sv": "image → sounding video", "a2v": "audio → video",
                "v2a": "video → audio"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-DEVICE_GROUP = "device"   # the concurrency group of every event that runs on the model
+DEVICE_GROUP = "device"
+PROGRESS_HZ = 4.0         # progress-bar updates per second   # the concurrency group of every event that runs on the model
 
 
 @dataclass
@@ -122,9 +124,9 @@ class Studio:
     # ------------------------------------------------------------------------------------------
     # Generation
     # ------------------------------------------------------------------------------------------
-    def cancel(self) -> str:
+    def cancel(self) -> None:
+        """Ask the running job to stop before its next sampling step (it then reports "Cancelled")."""
         self.cancel_flag.set()
-        return "Cancelling: sampling stops before its next step…"
 
     def upload_note(self, check, path) -> str:
         """The status line for a fresh upload: empty when it passes ``check``, else the refusal."""
@@ -166,9 +168,15 @@ class Studio:
         steps = max(1, min(int(steps or 1), self.config.max_steps))
         outputs: list[Output] = []
 
+        last = [0.0]
+
         def on_step(k: int, total: int, done: int, steps_: int) -> None:
-            progress((k * steps_ + done, total * steps_), desc=f"sample {k + 1}/{total} · step {done}/{steps_}",
-                     unit="steps")
+            # at most PROGRESS_HZ updates a second: a flood of them keeps the page too busy to send a click
+            now = time.monotonic()
+            if now - last[0] >= 1.0 / PROGRESS_HZ or done == steps_:
+                last[0] = now
+                progress((k * steps_ + done, total * steps_), desc=f"sample {k + 1}/{total} · step {done}/{steps_}",
+                         unit="steps")
 
         def result(status: str):
             first = outputs[0] if outputs else None
@@ -282,7 +290,8 @@ class Studio:
                 parts["button"].click(run, [*task_inputs, *common],
                                       [parts["result"], parts["gallery"], parts["files"], parts["status"], seed],
                                       concurrency_id=DEVICE_GROUP, concurrency_limit=1)
-                parts["cancel"].click(self.cancel, None, parts["status"], queue=False, show_progress="hidden")
+                # no outputs: the page holds back an event whose outputs a running job still owns
+                parts["cancel"].click(self.cancel, None, None, queue=False, show_progress="hidden")
         return demo
 
     def _handler(self, task: str):

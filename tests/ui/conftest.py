@@ -5,28 +5,15 @@ driven by Playwright (never Playwright's own browser download)."""
 from __future__ import annotations
 
 import os
-import socket
+import sys
 from pathlib import Path
 
 import pytest
 
 import jointdit  # noqa: F401  (torchvision fix)
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-quic",
-                 "--no-first-run", "--disable-component-update", "--disable-sync",
-                 "--autoplay-policy=no-user-gesture-required"]
-# 8 synthetic clips of 1 s at 32 px (6 train, 2 held out), a 2-block width-64 model, 2 optimizer steps.
-TINY = ["data.num_clips=8", "data.size=32", "data.seconds=1.0", "data.val_fraction=0.25", "model.hidden_size=64",
-        "model.depth=2", "model.num_heads=2", "vram.micro_batch_size=2", "batch_size=2", "optim.warmup_steps=1",
-        "max_steps=2", "checkpoint.every=2", "sample_every=-1", "log_every=1", "logger.log_model=true"]
-RUN = "outputs/2026-01-01/00-00-00"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from uihelpers import CHROMIUM, CHROMIUM_ARGS, RUN, TINY, free_port  # noqa: E402
 
 
 @pytest.fixture(scope="session")
