@@ -8,7 +8,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PIP_FLAGS := --disable-pip-version-check -q
 
-.PHONY: venv sweep-setup demo test test-all clean
+.PHONY: venv sweep-setup demo ui browser test test-all clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,10 +32,31 @@ demo: $(STAMP)
 	@echo "demo done: samples in $(DEMO_DIR)/samples, loss curve $(DEMO_DIR)/loss_curve.png;"
 	@echo "browse runs with: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
-test: $(STAMP)
+# `make ui`: the Gradio studio (python -m jointdit.ui) on the demo's model, trained first when missing.
+# It binds 127.0.0.1 only and prints its URL (http://127.0.0.1:7860/).
+DEMO_MODEL := $(DEMO_DIR)/export/last
+
+$(DEMO_MODEL)/jointdit.json: | $(STAMP)
+	$(PY) -m jointdit.train experiment=demo hydra.run.dir=$(DEMO_DIR)
+
+ui: $(STAMP) $(DEMO_MODEL)/jointdit.json
+	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e ".[ui]"
+	$(PY) -m jointdit.ui checkpoint=$(DEMO_MODEL)
+
+# The UI's browser tests drive Debian's Chromium through the playwright package; Playwright's own
+# browser download is never used. Installing Chromium needs root and apt-get; without them the browser
+# tests skip and say why.
+CHROMIUM := /usr/bin/chromium
+
+browser: $(STAMP)
+	PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 $(PIP) install $(PIP_FLAGS) -c constraints.txt playwright
+	@test -x $(CHROMIUM) || { apt-get update && apt-get install -y chromium; } \
+		|| echo "WARNING: could not install chromium (needs root + apt-get); the browser tests will be skipped"
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -q -m "slow or not slow"
 
 clean:

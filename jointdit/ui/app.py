@@ -181,8 +181,8 @@ class Studio:
         def result(status: str):
             first = outputs[0] if outputs else None
             files = [str(p) for o in outputs for p in (o.mp4, o.wav)]
-            return (str(first.mp4) if first else None, [str(o.png) for o in outputs] or None, files or None, status,
-                    seed)
+            return (str(first.mp4) if first else None, [str(o.sync_png or o.png) for o in outputs] or None,
+                    files or None, status, seed)
 
         try:
             inputs = self._check_inputs(task, image, reference, audio, video)
@@ -201,7 +201,8 @@ class Studio:
             gr.Warning(f"{kind}: {err}")
             return result(f"**{kind}:** {html.escape(str(err))}")
         lines = [f"**Done: {len(outputs)} sample(s)**, seeds {', '.join(str(o.seed) for o in outputs)}, {steps} steps."]
-        lines += [f"- seed {o.seed}: `{o.folder}`" for o in outputs]
+        lines += [f"- seed {o.seed}: `{o.folder}`" + (f" · sync {o.sync:.2f}" if o.sync is not None else "")
+                  for o in outputs]
         return result("\n".join(lines))
 
     # ------------------------------------------------------------------------------------------
@@ -255,8 +256,8 @@ class Studio:
                         with gr.Row():
                             max_t = gr.Number(value=int(v.get("max_t", 0) or 0), precision=0, minimum=0,
                                               label="max_t (latent frames, 0 = all)", elem_id="max_t")
-                            kv = gr.Slider(1, 16, value=int(v.get("kv_downsample", 1) or 1), step=1,
-                                           label="kv_downsample", elem_id="kv_downsample")
+                            kv = gr.Slider(0, 16, value=0, step=1, label="kv_downsample (0 = the model's own)",
+                                           elem_id="kv_downsample")
                         with gr.Row():
                             qv = gr.Number(value=int(v.get("q_chunk_v", 0) or 0), precision=0, minimum=0,
                                            label="q_chunk_v (0 = off)", elem_id="q_chunk_v")
@@ -353,7 +354,7 @@ class Studio:
                                   queue=False, show_progress="hidden")
         parts["result"] = gr.Video(label="Result (MP4 with sound)", interactive=False, autoplay=False,
                                   elem_id=f"video-{task}", height=240)
-        parts["gallery"] = gr.Gallery(label="Frame strip + spectrogram", columns=1, height="auto",
+        parts["gallery"] = gr.Gallery(label="Frame strip + spectrogram (solid: audio onsets, dashed: video events)", columns=1, height="auto",
                                       elem_id=f"preview-{task}", interactive=False)
         parts["files"] = gr.File(label="Downloads (MP4, WAV)", file_count="multiple", interactive=False,
                                  elem_id=f"files-{task}", height=120)

@@ -1,37 +1,38 @@
 """The UI's one adapter to the sampler: load a model folder, estimate memory, generate, free.
 
 Everything the page does to a model goes through :class:`Backend`; the Gradio code never touches
-torch, codecs or the sampler. Generation calls the same functions as ``python -m jointdit.sample``
-(:mod:`jointdit.diffusion.sampler`: input loading, CLIP conditions, ``sample_latents`` with JointCFG,
-decoding, MP4/WAV/PNG writers), with two additions the page needs:
+torch, codecs or the sampler. Generation is :func:`jointdit.sample.generate` on a
+:func:`jointdit.sample.load_session` session — the same calls as ``python -m jointdit.sample`` — with:
 
-- a per-step hook: the guidance object is wrapped so that every ODE step (= one guided model call)
-  reports ``(sample k of n, step i of N)`` and checks the cancel flag BEFORE computing; a set flag
-  raises :class:`Cancelled`, so sampling stops between steps and nothing half-done is written;
-- one folder per output: ``<out_dir>/<YYYYmmdd-HHMMSS>-<task>-seed<seed>[-k]``, created with
-  ``exist_ok=False`` so nothing is ever overwritten; it holds ``sample.mp4`` (video + sound),
-  ``sample_video.mp4``, ``sample.wav``, ``sample.png`` (frame strip over the spectrogram) and
-  ``request.json`` (model, task, seed, steps, guidance, knobs, inputs).
+- progress: ``generate``'s ``progress(done, total)`` is called after every ODE step; the backend
+  reports ``(sample k of n, step i of N)`` and returns True when the cancel flag is set, so sampling
+  stops between two steps (:class:`~jointdit.sample.SamplingCancelled`) and that sample writes nothing;
+- one folder per output: each seed is its own ``generate`` call with ``out_dir`` = the UI's folder and
+  no name, so the sampler claims a fresh ``<YYYYmmdd-HHMMSS>_<task>_seed<seed>[-k]`` folder with an
+  exclusive ``mkdir`` (nothing is ever overwritten). It holds the sampler's files
+  (``<task>_seed<seed>_steps<N>.mp4`` with sound, ``…_video.mp4``, ``.wav``, ``.png``) and
+  ``request.json``; the backend adds ``sync.png``: the frame strip over the spectrogram with the detected
+  audio onsets (solid) and video events (dashed) of :mod:`jointdit.evaluate`, titled with the clip's
+  sync score (IoU of its own onsets and events).
 
-Memory. ``max_t`` (latent frames) shortens the sampled clip to ``max_t / video_latent_fps`` seconds;
-``q_chunk_v`` / ``q_chunk_a`` / ``kv_downsample`` set the model's attention knobs; ``vid_decode_chunk``
-sets the video codec's decode chunk when it has one (SVD). :meth:`Backend.estimate` runs the memory
-planner (:func:`jointdit.memory.estimate_peak`, ``training=False``) on the same shapes and knobs, with
-the batched forward's size = the number of guidance branches that will be computed.
+Memory. ``max_t`` (latent frames) samples a shorter clip (``LatentSpec.crop``); ``q_chunk_v`` /
+``q_chunk_a`` / ``kv_downsample`` / ``vid_decode_chunk`` go to ``Session.set_vram`` (``kv_downsample``
+0 = the model's own: the export's setting, which changes the function the model computes).
+:meth:`Backend.estimate` runs the memory planner (:func:`jointdit.memory.estimate_peak`,
+``training=False``) on the same shapes and knobs, the batched forward being as large as the number of
+guidance branches that will be computed.
 
-Switching models drops every reference to the old model and codecs, runs the garbage collector and
-empties the CUDA cache before the new one loads.
+Switching models drops every reference to the old session (model, codecs, CLIP), runs the garbage
+collector and empties the CUDA cache before the new one loads.
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import threading
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -77,49 +78,12 @@ class Output:
     mp4: Path
     video_mp4: Path
     wav: Path
-    png: Path
+    png: Path                                      # the sampler's preview (frame strip over the spectrogram)
+    sync_png: Path | None = None                   # the same with onsets / video events drawn, and the score
+    sync: float | None = None                      # the clip's own sync score (IoU of onsets and events)
 
 
 StepHook = Callable[[int, int, int, int], None]   # (sample index, samples, step done, steps)
-
-
-class _StepGuidance:
-    """Wraps a guidance callable: one call = one ODE step. Checks ``cancel`` before the step, reports after."""
-
-    def __init__(self, guidance, steps: int, sample: int, samples: int, on_step: StepHook | None,
-                 cancel: threading.Event | None):
-        self.guidance, self.steps, self.sample, self.samples = guidance, steps, sample, samples
-        self.on_step, self.cancel, self.done = on_step, cancel, 0
-
-    def __call__(self, *args, **kwargs):
-        if self.cancel is not None and self.cancel.is_set():
-            raise Cancelled(self.sample, self.done, self.steps)
-        out = self.guidance(*args, **kwargs)
-        self.done += 1
-        if self.on_step is not None:
-            self.on_step(self.sample, self.samples, self.done, self.steps)
-        return out
-
-
-def _device(name: str | None):
-    import torch
-
-    if not name or name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def unique_folder(out_dir: Path, stem: str) -> Path:
-    """Create and return ``out_dir/stem`` (or ``stem-2``, ``stem-3`` …): never an existing folder."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for k in range(1, 10_000):
-        folder = out_dir / (stem if k == 1 else f"{stem}-{k}")
-        try:
-            folder.mkdir()
-            return folder
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"no free output folder name for {stem} in {out_dir}")
 
 
 class Backend:
@@ -129,12 +93,10 @@ class Backend:
                  clip: dict | None = None, codec: dict | None = None):
         self.out_dir = Path(out_dir).expanduser()
         self.cache_dir = str(cache_dir)
-        self.device = _device(device)
+        self.device_name = device
         self.clip, self.codec = clip, codec
         self.folder: Path | None = None
-        self._model = self._video_codec = self._audio_codec = None
-        self._meta: dict = {}
-        self._shapes = None
+        self.session = None
         self._lock = threading.RLock()
 
     # ------------------------------------------------------------------------------------------
@@ -142,94 +104,77 @@ class Backend:
     # ------------------------------------------------------------------------------------------
     @property
     def loaded(self) -> bool:
-        return self._model is not None
+        return self.session is not None
+
+    @property
+    def device(self):
+        return self.session.device if self.session is not None else None
 
     def load(self, folder: str | Path) -> None:
         """Load an exported model folder (freeing the current model first)."""
-        from jointdit import checkpoints
-        from jointdit.codecs import build_codecs
-        from jointdit.diffusion.sampler import _plain, resolve_shapes
+        from jointdit.sample import load_session
 
         folder = Path(folder).expanduser().resolve()
         with self._lock:
             self.unload()
-            model = checkpoints.load_model(folder).to(self.device).eval()
-            meta = checkpoints.load_export_meta(folder)
-            codec_cfg = _plain(self.codec) or meta.get("codec")
-            if not codec_cfg:
-                raise ValueError(f"{folder} has no codec settings in jointdit.json; start the UI with codec=<group>")
-            video_codec, audio_codec = build_codecs(codec_cfg)
-            for c in (video_codec, audio_codec):
-                c.to(self.device)
-            shapes = resolve_shapes(meta, None, video_codec, audio_codec)
-            if (shapes.video_shape[1] != model.config.video_in_channels
-                    or shapes.audio_shape[0] != model.config.audio_in_channels):
-                raise ValueError(f"{folder}: latent shapes video {shapes.video_shape} / audio {shapes.audio_shape} "
-                                 f"do not fit the model's input channels")
-            self._model, self._video_codec, self._audio_codec = model, video_codec, audio_codec
-            self._meta, self._shapes, self.folder = meta, shapes, folder
-            log.info("loaded %s on %s", folder, self.device)
+            self.session = load_session(folder, device=self.device_name, codec=self.codec, clip=self.clip,
+                                        cache_dir=self.cache_dir)
+            self.folder = folder
+            log.info("loaded %s on %s", folder, self.session.device)
 
     def unload(self) -> None:
-        """Drop the model and codecs and give their memory back."""
+        """Drop the session (model, codecs, CLIP) and give its memory back."""
         import torch
 
         with self._lock:
-            self._model = self._video_codec = self._audio_codec = None
-            self._meta, self._shapes, self.folder = {}, None, None
+            self.session, self.folder = None, None
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def _need(self) -> None:
-        if self._model is None:
+    def _need(self):
+        if self.session is None:
             raise NoModel("no model is loaded: pick one in the model list")
+        return self.session
 
     def describe(self) -> str:
         """One markdown line about the loaded model."""
-        if self._model is None:
+        if self.session is None:
             return "No model loaded."
-        s = self._shapes
-        n = sum(p.numel() for p in self._model.parameters())
-        return (f"**{self.folder}** · {n / 1e6:.2f} M parameters · step {self._meta.get('step', '?')} · "
-                f"{s.seconds:g} s at {s.fps:g} fps, {s.size[0]}×{s.size[1]} px, {s.sample_rate} Hz · "
-                f"latents video {list(s.video_shape)} audio {list(s.audio_shape)} · {self.device}")
+        s, g = self.session, self.session.spec
+        n = sum(p.numel() for p in s.model.parameters())
+        return (f"**{self.folder}** · {n / 1e6:.2f} M parameters · step {s.meta.get('step', '?')} · "
+                f"{g.seconds:g} s at {g.fps:g} fps, {g.size[0]}×{g.size[1]} px, {g.sample_rate} Hz · "
+                f"latents video {list(g.video_shape)} audio {list(g.audio_shape)} · "
+                f"{'CLIP ' + str((s.meta.get('clip') or {}).get('model', '')) if s.clip is not None else 'no CLIP (prompts unused)'}"
+                f" · {s.device}")
 
     @property
     def latent_frames(self) -> int:
-        return int(self._shapes.video_shape[0]) if self._shapes is not None else 0
+        return int(self.session.spec.video_shape[0]) if self.session is not None else 0
 
     def has_clip(self) -> bool:
-        clip = self.clip or self._meta.get("clip")
-        return bool(clip) and (clip.get("enabled", True) is not False)
+        return self.session is not None and self.session.clip is not None
 
     def held_out(self) -> list[tuple[str, str]]:
         """``(label, clip id)`` of the validation clips in the model's latent cache (for i2sv's first frame)."""
-        from jointdit.data.cache import cache_dir_for, read_index
+        from jointdit.data.cache import read_index
 
-        data, codec = self._meta.get("data") or {}, self._meta.get("codec")
-        if not data.get("name") or not codec:
+        cache = self.session.cache_dir if self.session is not None else None
+        if cache is None or not (Path(cache) / "index.jsonl").exists():
             return []
-        try:
-            cache = cache_dir_for(data, codec, self.cache_dir)
-            rows = read_index(cache) if (cache / "index.jsonl").exists() else []
-        except Exception as err:  # noqa: BLE001 - a missing or foreign cache only hides the list
-            log.warning("no held-out clips: %s", err)
-            return []
+        rows = read_index(Path(cache))
         held = [r for r in rows if r.get("split") in ("val", "test") and r.get("first_frame")]
         return [(f"{r['id']} — {r.get('caption') or r.get('label') or ''}".strip(" —"), r["id"]) for r in held]
 
     def held_out_frame(self, clip_id: str) -> Path | None:
         """The stored first frame (PNG) of a held-out clip, for a preview."""
-        from jointdit.data.cache import cache_dir_for, read_index
+        from jointdit.io.conditions import cache_entry
 
-        if not clip_id:
+        if not clip_id or self.session is None or self.session.cache_dir is None:
             return None
-        cache = cache_dir_for(self._meta["data"], self._meta["codec"], self.cache_dir)
-        for row in read_index(cache):
-            if row["id"] == clip_id and row.get("first_frame"):
-                return cache / row["first_frame"]
-        return None
+        row = cache_entry(clip_id, self.session.cache_dir)
+        return Path(row["dir"]) / row["first_frame"] if row.get("first_frame") else None
 
     # ------------------------------------------------------------------------------------------
     # Memory
@@ -251,124 +196,99 @@ class Backend:
         n += bool(w["w_img"] and clip and task == "i2sv")
         return n
 
+    def kv_downsample(self, knob: Any) -> int:
+        """The K/V pooling a request runs with: the knob, or (0) the export's, or 1."""
+        exported = ((self.session.meta if self.session is not None else {}).get("attention") or {}).get("kv_downsample")
+        return int(knob or 0) or int(exported or 1)
+
     def estimate(self, task: str, weights: dict[str, Any], knobs: dict[str, Any], prompt: str = "",
                  negative: str = "") -> dict[str, Any]:
         """The planner's peak estimate for one sampling forward with these knobs; ``{total, budget, fits,
         branches, tokens_video, tokens_audio, keys, Tv, …}``."""
         from jointdit.memory import Knobs, detect_budget, estimate_peak
 
-        self._need()
+        s = self._need()
         kn = Knobs(max_t=int(knobs.get("max_t") or 0), q_chunk_v=int(knobs.get("q_chunk_v") or 0),
-                   q_chunk_a=int(knobs.get("q_chunk_a") or 0), kv_downsample=max(1, int(knobs.get("kv_downsample") or 1)))
+                   q_chunk_a=int(knobs.get("q_chunk_a") or 0), kv_downsample=self.kv_downsample(knobs.get("kv_downsample")))
         branches = self.branches(task, weights, prompt, negative)
-        est = estimate_peak(dict(self._model.config), self._shapes.video_shape, self._shapes.audio_shape, kn,
-                            micro_batch=branches, training=False, device=self.device.type)
-        budget = detect_budget(self.device)
+        est = estimate_peak(dict(s.model.config), s.spec.video_shape, s.spec.audio_shape, kn, micro_batch=branches,
+                            training=False, device=s.device.type)
+        budget = detect_budget(s.device)
         return {**est.as_dict(), "branches": branches, "budget": budget, "fits": est.total <= budget}
 
     # ------------------------------------------------------------------------------------------
     # Generation
     # ------------------------------------------------------------------------------------------
-    def _shapes_for(self, max_t: int):
-        """The checkpoint's shapes, or a clip cut to ``max_t`` latent frames (as training crops):
-        ``Tv' = max_t`` and ``La' = round(Tv'·audio_fps / video_fps)``, each cut down to a whole number of
-        temporal patches; the clip lasts ``Tv' / video_latent_fps`` seconds."""
-        from dataclasses import replace
-
-        s = self._shapes
-        if not max_t or max_t >= s.video_shape[0]:
-            return s
-        cfg = self._model.config
-        pv, pa = int(cfg.video_patch_size[0]), int(cfg.audio_patch_size[0])
-        tv = max(pv, int(max_t) // pv * pv)
-        la = int(round(tv * float(cfg.audio_latent_fps) / float(cfg.video_latent_fps)))
-        la = max(pa, la // pa * pa)
-        return replace(s, video_shape=(tv, *s.video_shape[1:]), audio_shape=(s.audio_shape[0], la, *s.audio_shape[2:]),
-                       seconds=tv / float(cfg.video_latent_fps))
-
     def generate(self, req: GenerateRequest, on_step: StepHook | None = None,
                  cancel: threading.Event | None = None) -> list[Output]:
-        """Sample ``req.seeds`` one after the other; returns one :class:`Output` per finished seed.
+        """Sample ``req.seeds`` one after the other, each into its own new folder; one :class:`Output` per seed.
 
-        Raises :class:`Cancelled` (when ``cancel`` is set) between steps, ``ValueError`` / ``MediaError``
-        for unusable inputs, :class:`NoModel` when nothing is loaded.
+        Raises :class:`Cancelled` (when ``cancel`` is set) between steps — the finished seeds ride on it —,
+        ``ValueError`` / ``MediaError`` for unusable inputs, :class:`NoModel` when nothing is loaded.
         """
-        import torch
-        from omegaconf import OmegaConf
-
-        from jointdit.data.media import write_mp4, write_wav
-        from jointdit.diffusion.guidance import build_guidance
-        from jointdit.diffusion.sampler import (build_conditions, cache_entry, clamp_to_codec_range, load_audio,
-                                                load_first_frame, load_video, sample_latents, write_preview)
-        from jointdit.diffusion.sampler import _fit_wave
+        from jointdit.sample import SampleRequest, SamplingCancelled, generate
 
         if req.task not in TASKS:
             raise ValueError(f"unknown task {req.task!r}; choose one of {', '.join(TASKS)}")
-        if int(req.steps) < 1:
-            raise ValueError(f"steps must be at least 1, got {req.steps}")
         if not req.seeds:
             raise ValueError("no seeds to sample")
+        if req.task == "i2sv" and not (req.image or req.reference):
+            raise ValueError("image → sounding video needs a first frame: upload an image, take one with the "
+                             "webcam, or pick a held-out clip")
+        if req.task == "a2v" and not req.audio:
+            raise ValueError("audio → video needs a sound: upload one or record it")
+        if req.task == "v2a" and not req.video:
+            raise ValueError("video → audio needs a clip: upload one")
+        knobs = {k: int(req.knobs.get(k) or 0) for k in KNOBS}
         with self._lock:
-            self._need()
-            model, vcodec, acodec, device = self._model, self._video_codec, self._audio_codec, self.device
-            knobs = {k: int(req.knobs.get(k) or 0) for k in KNOBS}
-            model.set_memory_knobs(q_chunk_v=knobs["q_chunk_v"], q_chunk_a=knobs["q_chunk_a"],
-                                   kv_downsample=max(1, knobs["kv_downsample"]))
-            if knobs["vid_decode_chunk"] and hasattr(vcodec, "decode_chunk"):
-                vcodec.decode_chunk = knobs["vid_decode_chunk"]
-            shapes = self._shapes_for(knobs["max_t"])
-            cfg = OmegaConf.create({"image": req.image, "reference": req.reference, "prompt": req.prompt or "",
-                                    "negative_prompt": req.negative_prompt or "", "clip": self.clip,
-                                    "paths": {"cache_dir": self.cache_dir}})
-            image = first = video_latent = audio_latent = None
-            with torch.inference_mode():
-                if req.task == "i2sv":
-                    if not (req.image or req.reference):
-                        raise ValueError("image → sounding video needs a first frame: upload an image, take one with "
-                                         "the webcam, or pick a held-out clip")
-                    entry = None if req.image else cache_entry(cfg, self._meta, str(req.reference))
-                    image = load_first_frame(cfg, shapes, entry)                                   # [3, H, W]
-                    first = vcodec.encode(image[None, None].to(device))[:, 0]                      # [1, Cv, hv, wv]
-                elif req.task == "a2v":
-                    if not req.audio:
-                        raise ValueError("audio → video needs a sound: upload one or record it")
-                    audio_latent = acodec.encode(load_audio(req.audio, shapes)[None].to(device))   # [1, Ca, La, Fa]
-                    audio_latent = audio_latent[:, :, : shapes.audio_shape[1]]
-                elif req.task == "v2a":
-                    if not req.video:
-                        raise ValueError("video → audio needs a clip: upload an MP4")
-                    video_latent = vcodec.encode(load_video(req.video, shapes)[None].to(device))   # [1, Tv, Cv, hv, wv]
-                    video_latent = video_latent[:, : shapes.video_shape[0]]
-            cond, neg_cond = build_conditions(cfg, self._meta, model, image, device)
-            guidance = build_guidance(req.guidance)
+            session = self._need()
+            session.set_vram({"q_chunk_v": knobs["q_chunk_v"], "q_chunk_a": knobs["q_chunk_a"],
+                              "vid_decode_chunk": knobs["vid_decode_chunk"] or None},
+                             kv_downsample=knobs["kv_downsample"] or None)
             outputs: list[Output] = []
+            steps = int(req.steps)
             for k, seed in enumerate(req.seeds):
-                hooked = _StepGuidance(guidance, int(req.steps), k, len(req.seeds), on_step, cancel)
-                try:
-                    z_v, z_a = sample_latents(model, shapes.video_shape, shapes.audio_shape, steps=int(req.steps),
-                                              seed=int(seed), task=req.task, guidance=hooked, cond=cond,
-                                              neg_cond=neg_cond, first_frame=first, video_latent=video_latent,
-                                              audio_latent=audio_latent)
-                except Cancelled as err:
+                def progress(done: int, total: int, _k: int = k) -> bool:
+                    if on_step is not None:
+                        on_step(_k, len(req.seeds), done, total)
+                    return cancel is not None and cancel.is_set()
+
+                request = SampleRequest(task=req.task, prompt=req.prompt or "", negative_prompt=req.negative_prompt or "",
+                                        image=req.image or None, reference=None if req.image else req.reference,
+                                        audio=req.audio, video=req.video, seeds=[int(seed)], steps=steps,
+                                        guidance=dict(req.guidance), out_dir=str(self.out_dir), max_t=knobs["max_t"])
+                if cancel is not None and cancel.is_set():
+                    err = Cancelled(k, 0, steps)
                     err.outputs = outputs
-                    raise
-                if req.task != "a2v":
-                    z_a = clamp_to_codec_range(z_a, acodec)
-                with torch.inference_mode():
-                    frames = vcodec.decode(z_v)[0].float().cpu().clamp(-1, 1)                    # [T, 3, H, W]
-                    wave = _fit_wave(acodec.decode(z_a)[0].float().cpu(), shapes.num_samples).clamp(-1, 1)
-                folder = unique_folder(self.out_dir, f"{time.strftime('%Y%m%d-%H%M%S')}-{req.task}-seed{int(seed)}")
-                out = Output(
-                    seed=int(seed), folder=folder,
-                    mp4=write_mp4(folder / "sample.mp4", frames, shapes.fps, wave, shapes.sample_rate),
-                    video_mp4=write_mp4(folder / "sample_video.mp4", frames, shapes.fps),
-                    wav=write_wav(folder / "sample.wav", wave, shapes.sample_rate),
-                    png=write_preview(folder / "sample.png", frames, wave, shapes.sample_rate,
-                                      title=f"{req.task} · seed {seed} · {req.steps} steps"),
-                )
-                record = {"model": str(self.folder), "request": asdict(req), "seed": int(seed),
-                          "seconds": shapes.seconds, "fps": shapes.fps, "sample_rate": shapes.sample_rate,
-                          "files": {k: str(v) for k, v in asdict(out).items() if isinstance(v, Path)}}
-                (folder / "request.json").write_text(json.dumps(record, indent=1, default=str))
+                    raise err
+                try:
+                    result = generate(session, request, progress=progress)
+                except SamplingCancelled as stop:
+                    err = Cancelled(k, stop.step, steps)
+                    err.outputs = outputs
+                    raise err from None
+                sample = result.samples[0]
+                out = Output(seed=int(seed), folder=result.folder, mp4=sample.mp4, video_mp4=sample.video_mp4,
+                             wav=sample.wav, png=sample.png)
+                out.sync_png, out.sync = self._sync_plot(sample, result.folder, req.task, steps)
                 outputs.append(out)
             return outputs
+
+    @staticmethod
+    def _sync_plot(sample, folder: Path, task: str, steps: int) -> tuple[Path | None, float | None]:
+        """``sync.png``: onsets and video events (jointdit.evaluate) on the strip + spectrogram, with the score."""
+        try:
+            from jointdit.data.media import Clip
+            from jointdit.evaluate import analyse_clip, sync_score
+            from jointdit.evaluate.plot import plot_sync
+
+            analysis = analyse_clip(Clip(sample.frames, sample.wave, sample.fps, sample.sample_rate))
+            score = float(sync_score(analysis))
+            png = plot_sync(sample.frames, sample.wave, sample.sample_rate, sample.fps, analysis.onsets,
+                            analysis.events, folder / "sync.png",
+                            title=f"{task} · seed {sample.seed} · {steps} steps · sync {score:.2f} "
+                                  f"({len(analysis.onsets)} onsets solid, {len(analysis.events)} video events dashed)")
+            return png, score
+        except Exception as err:  # noqa: BLE001 - the sample stands without its sync figure
+            log.warning("no sync figure for seed %s: %s", sample.seed, err)
+            return None, None

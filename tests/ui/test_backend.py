@@ -34,11 +34,13 @@ def test_same_request_twice_never_overwrites(backend):
     a, = backend.generate(req)
     first = a.wav.read_bytes()
     b, = backend.generate(req)
-    assert a.folder != b.folder and a.folder.parent == b.folder.parent
+    assert a.folder != b.folder and a.folder.parent == b.folder.parent == backend.out_dir
     assert a.wav.read_bytes() == first                       # untouched
     assert b.wav.read_bytes() == first                       # same seed, same sample
     record = json.loads((b.folder / "request.json").read_text())
-    assert record["seed"] == 5 and record["request"]["steps"] == 2 and record["model"] == str(backend.folder)
+    assert record["request"]["seeds"] == [5] and record["request"]["steps"] == 2
+    assert record["checkpoint"] == str(backend.folder)
+    assert b.sync_png == b.folder / "sync.png" and b.sync_png.is_file() and 0.0 <= b.sync <= 1.0
 
 
 def test_progress_reports_every_step_and_cancel_stops_before_the_next(backend):
@@ -46,8 +48,8 @@ def test_progress_reports_every_step_and_cancel_stops_before_the_next(backend):
 
     seen, cancel = [], threading.Event()
 
-    def on_step(k, n, done, steps):
-        seen.append((k, n, done, steps))
+    def on_step(k, n, done, total):
+        seen.append((k, n, done, total))
         if k == 1 and done == 3:
             cancel.set()
 
@@ -56,7 +58,7 @@ def test_progress_reports_every_step_and_cancel_stops_before_the_next(backend):
         backend.generate(GenerateRequest(task="joint", seeds=[0, 1, 2], steps=5, guidance=GUIDANCE),
                          on_step=on_step, cancel=cancel)
     assert seen == [(0, 3, i, 5) for i in range(1, 6)] + [(1, 3, i, 5) for i in range(1, 4)]
-    assert (err.value.sample, err.value.step) == (1, 3)
+    assert (err.value.sample, err.value.step) == (1, 3) and "stopped before step 4 of 5" in str(err.value)
     assert [o.seed for o in err.value.outputs] == [0]        # the finished sample is kept …
     assert set(backend.out_dir.iterdir()) - before == {err.value.outputs[0].folder}   # … and nothing else written
 
@@ -69,14 +71,14 @@ def test_max_t_shortens_the_clip_to_whole_patches(backend):
     out, = backend.generate(GenerateRequest(task="joint", seeds=[0], steps=1, guidance=GUIDANCE, knobs={"max_t": 4}))
     info = sf.info(str(out.wav))
     assert info.frames == 8000                               # 4 latent frames at 8 fps = 0.5 s at 16 kHz
-    assert json.loads((out.folder / "request.json").read_text())["seconds"] == 0.5
 
 
 def test_estimate_is_the_planners_for_the_branches_that_run(backend):
     from jointdit.memory import Knobs, estimate_peak
 
     est = backend.estimate("joint", GUIDANCE, {"max_t": 4, "kv_downsample": 2})
-    want = estimate_peak(dict(backend._model.config), backend._shapes.video_shape, backend._shapes.audio_shape,
+    spec = backend.session.spec
+    want = estimate_peak(dict(backend.session.model.config), spec.video_shape, spec.audio_shape,
                          Knobs(max_t=4, kv_downsample=2), micro_batch=2, training=False, device="cpu")
     assert est["branches"] == 2 and est["total"] == want.total and est["Tv"] == 4
     none = backend.estimate("joint", {"name": "none"}, {})
@@ -88,7 +90,7 @@ def test_inputs_missing_or_unknown_give_clear_errors(backend):
 
     with pytest.raises(ValueError, match="needs a first frame"):
         backend.generate(GenerateRequest(task="i2sv", seeds=[0], steps=1, guidance=GUIDANCE))
-    with pytest.raises(ValueError, match="neither a file nor a clip id"):
+    with pytest.raises(ValueError, match="neither a file nor a clip id"):  # the sampler's ConfigError
         backend.generate(GenerateRequest(task="i2sv", seeds=[0], steps=1, guidance=GUIDANCE, reference="nope"))
     from jointdit.ui.backend import Backend
 

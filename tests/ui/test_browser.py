@@ -105,15 +105,17 @@ def test_each_task_generates_a_sounding_video_in_the_page(page, app, media, task
     new = _folders(studio) - before
     assert len(new) == 1, new
     folder = new.pop()
-    assert f"-{task}-seed0" in folder.name
-    assert {"sample.mp4", "sample_video.mp4", "sample.wav", "sample.png", "request.json"} <= {p.name for p in folder.iterdir()}
+    assert folder.name.endswith(f"_{task}_seed0")
+    base = f"{task}_seed000_steps4"
+    assert {f"{base}.mp4", f"{base}_video.mp4", f"{base}.wav", f"{base}.png", "sync.png", "request.json"} <= \
+        {p.name for p in folder.iterdir()}
     assert str(folder) in page.locator(f"#status-{task}").inner_text()
     # the preview PNG and the WAV download are in the page
     assert page.locator(f"#preview-{task} img").count() >= 1
-    wav = page.locator(f'#files-{task} a[download="sample.wav"]')
+    wav = page.locator(f'#files-{task} a[download="{base}.wav"]')
     assert wav.count() == 1
     download = page.request.get(wav.get_attribute("href"))
-    assert download.ok and download.body()[:4] == b"RIFF" and download.body() == (folder / "sample.wav").read_bytes()
+    assert download.ok and download.body()[:4] == b"RIFF" and download.body() == (folder / f"{base}.wav").read_bytes()
 
 
 def test_a_text_file_renamed_mp4_gets_a_clear_error_in_the_page(page, app, media):
@@ -166,7 +168,7 @@ def test_model_picker_lists_runs_and_mlflow_models_and_switches(page, app, ui_ro
     assert any(o.startswith("[outputs]") and RUN.split("/", 1)[1] in o and "· best ·" in o for o in options), options
     mlflow = [o for o in options if o.startswith("[mlflow]")]
     assert len(mlflow) == 1 and "· model · step 2 · val loss" in mlflow[0], options
-    old = weakref.ref(studio.backend._model)
+    old = weakref.ref(studio.backend.session.model)
     page.locator("#model-picker [data-testid=dropdown-option]", has_text="[mlflow]").click()
     line = page.locator("#model-line")
     line.get_by_text(".models").wait_for(timeout=60_000)
