@@ -11,9 +11,11 @@ from jointdit.evaluate.folder import read_folder, read_video_file
 from jointdit.evaluate.matching import accuracy, iou, match_events
 from jointdit.evaluate.motion import detect_video_events
 from jointdit.evaluate.onsets import detect_onsets
+from jointdit.evaluate.plot import plot_sync
+from jointdit.evaluate.report import format_table, log_report, write_report
 from jointdit.evaluate.settings import DetectorSettings
 from jointdit.evaluate.sync import analyse_clip, sync_score
 
 __all__ = ["TASKS", "DetectorSettings", "EvalReport", "accuracy", "analyse_clip", "detect_onsets",
-           "detect_video_events", "evaluate_clips", "event_accuracy", "iou", "load_event_times", "match_events",
-           "read_folder", "read_video_file", "sync_score"]
+           "detect_video_events", "evaluate_clips", "event_accuracy", "format_table", "iou", "load_event_times",
+           "log_report", "match_events", "plot_sync", "read_folder", "read_video_file", "sync_score", "write_report"]
