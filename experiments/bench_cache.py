@@ -8,7 +8,7 @@ Measures
   folder: one cold run (first in the process: imports, codec set-up), then the median of ``--repeats`` warm
   runs with MP4 decoding in the main thread (``read_workers=0``) or on 2 reader threads, with torch's default
   and with 1 intra-op thread;
-- loader throughput (batches/s, batch 8): ``build_dataloader`` over the train split, full clips and
+- loader throughput (batches/s, batch 8): ``DataLoader(LatentDataset)`` over the train split, full clips and
   ``max_t`` crops, with 0 and 2 (persistent) worker processes; each case runs whole epochs for at least
   ``--seconds-per-case`` seconds after one untimed warm-up epoch. The main process collates with one torch
   thread (``--loader-threads``), as DataLoader workers do: on a busy 2-core machine a 2-thread
@@ -32,7 +32,9 @@ import torch
 
 from jointdit.config import compose
 from jointdit.data.cache import build_cache, wipe_cache
-from jointdit.data.dataset import build_dataloader
+from torch.utils.data import DataLoader
+
+from jointdit.data.dataset import LatentDataset, collate_latents
 from jointdit.data.synthetic import write_dataset
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_cache.md"
@@ -50,8 +52,8 @@ def _cache_case(cfg, out: Path, read_workers: int, batch_size: int) -> tuple[int
 
 
 def _loader_case(out: Path, batch_size: int, max_t: int, workers: int, min_seconds: float) -> tuple[int, float, tuple, tuple]:
-    loader = build_dataloader(out, "train", batch_size=batch_size, max_t=max_t, shuffle=True, num_workers=workers,
-                              seed=0, drop_last=False)
+    loader = DataLoader(LatentDataset(out, "train", max_t=max_t, seed=0), batch_size=batch_size, shuffle=True,
+                        num_workers=workers, collate_fn=collate_latents, persistent_workers=workers > 0)
     for _ in loader:  # warm-up epoch: worker start-up, first page faults
         pass
     batches, started = 0, time.perf_counter()
@@ -132,7 +134,7 @@ def main(argv: list[str] | None = None) -> str:
         "loaded 2-core machine, torch's small element-wise ops in the main thread stall on OpenMP contention; "
         "reading on threads (the default, `read_workers: 2`) or 1 torch thread avoids it.",
         "",
-        f"## Loading (`build_dataloader`, train split, batch {args.batch_size}, shuffled, whole epochs)",
+        f"## Loading (`DataLoader(LatentDataset)`, train split, batch {args.batch_size}, shuffled, whole epochs)",
         "",
         "| max_t | workers | batches | seconds | batches/s | video (last batch) | audio (last batch) |",
         "|---:|---:|---:|---:|---:|---|---|",

@@ -36,6 +36,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from jointdit.config import resolve_device
+
 GiB = 1024 ** 3
 MiB = 1024 ** 2
 
@@ -103,7 +105,9 @@ class Estimate:
 def _full_config(model_config: Mapping[str, Any]) -> dict[str, Any]:
     from jointdit.models.jointdit import full_config, model_config as preset_config
 
-    cfg = {k: v for k, v in dict(model_config).items() if not str(k).startswith("_")}
+    from jointdit.config import model_fields
+
+    cfg = model_fields(model_config)
     preset = cfg.pop("preset", None)
     if preset is not None:
         cfg = preset_config(preset, **cfg)
@@ -290,7 +294,7 @@ def detect_budget(device: Any = None) -> int:
     """Total memory of a CUDA device (torch.cuda.mem_get_info), else available system RAM."""
     import torch
 
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     if dev.type == "cuda":
         return int(torch.cuda.mem_get_info(dev)[1])
     try:
@@ -375,11 +379,10 @@ def resolve_vram(cfg: Any, overrides: Sequence[str] | None = None, device: Any =
     Fixed profiles: check the plan against ``budget_gb`` on a GPU (available RAM on CPU) and raise
     :class:`MemoryPlanError` if it does not fit. Call it before building the optimizer / first step.
     """
-    import torch
     from omegaconf import OmegaConf
 
     v = OmegaConf.to_container(cfg.vram, resolve=True)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
     precision = "no" if dev.type == "cpu" else str(v.get("mixed_precision", "no"))
     vs, as_, fv, fa = shapes_from_cfg(cfg)
     mcfg = _model_config_for(cfg, vs, as_, fv, fa)
@@ -504,10 +507,9 @@ def _fmt(b: int) -> str:
 
 def plan_table(cfg: Any, overrides: Sequence[str] = (), training: bool = True, branches: int = 3,
                budget_bytes: int | None = None, attention_kernel: str = "flash", device: str | None = None) -> list[tuple[str, str]]:
-    import torch
     from omegaconf import OmegaConf
 
-    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device).type
     v = OmegaConf.to_container(cfg.vram, resolve=True)
     # The plan is for the target device class: a GPU profile is planned in its precision even from a CPU host.
     gpu_profile = str(v.get("name")) != "cpu"

@@ -25,7 +25,6 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from jointdit import checkpoints as ckpt
-from jointdit.config import model_fields
 from jointdit.memory import KNOB_FIELDS
 from jointdit.latents import EXPORT_FORMAT, LatentSpec, spec_for_config
 from jointdit.diffusion.flow import flow_loss, make_flow_batch, sample_tasks
@@ -130,11 +129,11 @@ def training_spec(cfg: DictConfig) -> LatentSpec:
 
 
 def build_model_for_spec(model_cfg: DictConfig, spec: LatentSpec) -> torch.nn.Module:
-    """A JointDiT whose input channels, latent rates and condition widths match the spec's latents."""
-    from jointdit.models import build_model
+    """``hydra.utils.instantiate(cfg.model)`` (its ``_target_`` builds the preset) with the input channels,
+    latent rates and condition widths of the spec's latents."""
+    from hydra.utils import instantiate
 
-    fields = model_fields(model_cfg)
-    return build_model(fields.pop("preset"), **{**fields, **spec.model_kwargs()})
+    return instantiate(model_cfg, **spec.model_kwargs(), _convert_="all")
 
 
 def condition_from_batch(batch: dict[str, Any], drop_text: float, drop_image: float, generator: torch.Generator,

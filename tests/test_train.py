@@ -1,4 +1,8 @@
-"""Training end to end: MLflow records, sweeps, Stage B freezing, exact resume, 2-process DDP."""
+"""Training end to end: MLflow records, sweeps, Stage B freezing, exact resume, 2-process DDP.
+
+Subprocess tests are kept where only a process can show the behaviour (the entry point's MLflow/.hydra
+records, a Hydra multirun, a kill, an accelerate launch); the rest train in-process through Hydra
+``compose()`` with every path under ``tmp_path``."""
 
 import json
 import os
@@ -26,6 +30,15 @@ def _train(tmp_path: Path, *overrides: str, run_dir: Path | None = None, env: di
     result = run_module("jointdit.train", *SMALL, f"hydra.run.dir={run_dir}", *overrides,
                         env={"JOINTDIT_ROOT": str(tmp_path), **(env or {})})
     assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+def _train_here(compose_cfg, tmp_path: Path, *overrides: str, run_dir: Path | None = None) -> Path:
+    """``train(cfg)`` in this process; the composed config's paths are under ``tmp_path``."""
+    from jointdit.training import train
+
+    run_dir = run_dir or tmp_path / "run"
+    train(compose_cfg("train", [*SMALL, f"paths.output_dir={run_dir}", *overrides]))
     return run_dir
 
 
@@ -76,10 +89,11 @@ def test_multirun_gives_one_parent_and_a_child_per_job(tmp_path):
     assert len(list((tmp_path / "multirun").glob("*/*/[01]/.hydra"))) == 2
 
 
-def test_stage_b_trains_only_the_selected_parameters(tmp_path):
-    stage_a = _train(tmp_path, "max_steps=3", "ema.enabled=false", "logger=none", run_dir=tmp_path / "a")
-    stage_b = _train(tmp_path, "stage=b", f"stage.init_from={stage_a / 'export' / 'last'}", "max_steps=3",
-                     "ema.enabled=false", "logger=none", run_dir=tmp_path / "b")
+def test_stage_b_trains_only_the_selected_parameters(compose_cfg, tmp_path):
+    stage_a = _train_here(compose_cfg, tmp_path, "max_steps=3", "ema.enabled=false", "logger=none", "sample_every=-1",
+                          run_dir=tmp_path / "a")
+    stage_b = _train_here(compose_cfg, tmp_path, "stage=b", f"stage.init_from={stage_a / 'export' / 'last'}",
+                          "max_steps=3", "ema.enabled=false", "logger=none", "sample_every=-1", run_dir=tmp_path / "b")
     before = load_file(stage_a / "export" / "last" / "diffusion_pytorch_model.safetensors")
     after = load_file(stage_b / "export" / "last" / "diffusion_pytorch_model.safetensors")
     selected = ("blocks.0.video.", "blocks.1.video.", "blocks.0.audio.", "blocks.1.audio.", "video_in.", "audio_in.",
@@ -91,15 +105,14 @@ def test_stage_b_trains_only_the_selected_parameters(tmp_path):
     assert any(n.startswith("blocks.0.video.") for n in changed) and any(n.startswith("video_in.") for n in changed)
 
 
-def test_stage_b_refuses_a_missing_or_mismatched_checkpoint(tmp_path):
-    result = run_module("jointdit.train", *SMALL, "stage=b", f"stage.init_from={tmp_path / 'nope'}", "max_steps=1",
-                        "logger=none", f"hydra.run.dir={tmp_path / 'x'}", env={"JOINTDIT_ROOT": str(tmp_path)})
-    assert result.returncode != 0 and "neither an exported model folder" in result.stderr
-    stage_a = _train(tmp_path, "max_steps=1", "logger=none", run_dir=tmp_path / "a")
-    result = run_module("jointdit.train", *SMALL, "model.hidden_size=32", "stage=b",
-                        f"stage.init_from={stage_a / 'export' / 'last'}", "max_steps=1", "logger=none",
-                        f"hydra.run.dir={tmp_path / 'y'}", env={"JOINTDIT_ROOT": str(tmp_path)})
-    assert result.returncode != 0 and "does not fit this model" in result.stderr
+def test_stage_b_refuses_a_missing_or_mismatched_checkpoint(compose_cfg, tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither an exported model folder"):
+        _train_here(compose_cfg, tmp_path, "stage=b", f"stage.init_from={tmp_path / 'nope'}", "max_steps=1",
+                    "logger=none", run_dir=tmp_path / "x")
+    stage_a = _train_here(compose_cfg, tmp_path, "max_steps=1", "logger=none", "sample_every=-1", run_dir=tmp_path / "a")
+    with pytest.raises(ValueError, match="does not fit this model"):
+        _train_here(compose_cfg, tmp_path, "model.hidden_size=32", "stage=b", f"stage.init_from={stage_a / 'export' / 'last'}",
+                    "max_steps=1", "logger=none", run_dir=tmp_path / "y")
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -108,9 +121,9 @@ def _losses(run_dir: Path) -> list[float]:
 
 # batch_size=4 over micro-batches of 2 accumulates 2 micro-batches per step while an epoch has 3, so
 # accumulation windows span epoch boundaries — and the resume point falls mid-epoch.
-@pytest.mark.parametrize("batch_size", [2, 4], ids=["no-accumulation", "accumulation-across-epochs"])
-def test_resume_after_a_kill_replays_the_uninterrupted_loss_sequence(tmp_path, batch_size):
-    common = ["max_steps=10", "checkpoint.every=2", "checkpoint.keep=2", "logger=none", f"batch_size={batch_size}"]
+# (tests/test_training.py resumes in-process without accumulation.)
+def test_resume_after_a_kill_replays_the_uninterrupted_loss_sequence(tmp_path):
+    common = ["max_steps=10", "checkpoint.every=2", "checkpoint.keep=2", "logger=none", "batch_size=4"]
     straight = _train(tmp_path, *common, run_dir=tmp_path / "straight")
     # Kill a second run once its step-4 checkpoint is on disk.
     run_dir = tmp_path / "killed"
@@ -145,7 +158,7 @@ def test_two_process_ddp_ends_with_identical_weights_on_both_ranks(tmp_path):
     assert metrics["final"]["ranks_in_sync"] == 1.0 and metrics["final"]["step"] == 4.0
 
 
-def test_cached_clip_embeddings_train_the_condition_projections(tmp_path):
+def test_cached_clip_embeddings_train_the_condition_projections(compose_cfg, tmp_path):
     """A cache with CLIP features (tiny random open_clip model) sizes the model's projections to them."""
     config = tmp_path / "jd-tiny-clip.json"
     config.write_text(json.dumps({
@@ -155,7 +168,8 @@ def test_cached_clip_embeddings_train_the_condition_projections(tmp_path):
     }))
     clip = (f"+cache={{clip:{{enabled:true,model:{config.stem},pretrained:null,model_config:'{config}',"
             f"threshold:null,store_embeddings:true}}}}")
-    run_dir = _train(tmp_path, clip, "max_steps=8", "checkpoint.every=4", "ema.enabled=false", "logger=none")
+    run_dir = _train_here(compose_cfg, tmp_path, clip, "max_steps=8", "checkpoint.every=4", "ema.enabled=false",
+                          "logger=none")
     exported = json.loads((run_dir / "export" / "last" / "config.json").read_text())
     spec = LatentSpec.from_export_meta(json.loads((run_dir / "export" / "last" / "jointdit.json").read_text()))
     assert spec.clip_widths == {"text_len": 77, "text_token_dim": 64, "text_pooled_dim": 32, "image_embed_dim": 32}
@@ -173,17 +187,17 @@ def test_cached_clip_embeddings_train_the_condition_projections(tmp_path):
         assert weights and any(not torch.equal(before[k], after[k]) for k in weights), name
 
 
-def test_a_plan_that_cannot_fit_stops_before_anything_is_built(tmp_path):
-    result = run_module("jointdit.train", "model=base", "data.seconds=600", "vram.micro_batch_size=64", "logger=none",
-                        f"hydra.run.dir={tmp_path / 'run'}", env={"JOINTDIT_ROOT": str(tmp_path)})
-    assert result.returncode != 0
-    assert "budget" in result.stderr and "vram.micro_batch_size (now 64)" in result.stderr
+def test_a_plan_that_cannot_fit_stops_before_anything_is_built(compose_cfg, tmp_path):
+    from jointdit.memory import MemoryPlanError
+
+    with pytest.raises(MemoryPlanError, match=r"budget.*vram\.micro_batch_size \(now 64\)"):
+        _train_here(compose_cfg, tmp_path, "model=base", "data.seconds=600", "vram.micro_batch_size=64", "logger=none")
     assert not (tmp_path / "data").exists()  # failed before the data set or cache was written
 
 
-def test_max_t_crops_both_streams_to_the_same_span_in_whole_patches(tmp_path):
+def test_max_t_crops_both_streams_to_the_same_span_in_whole_patches(compose_cfg, tmp_path):
     # 6 latent frames at 8 fps = 0.75 s = 75 mel steps, which the audio patch (4) does not divide.
-    run_dir = _train(tmp_path, "vram.max_t=6", "max_steps=2", "logger=none")
+    run_dir = _train_here(compose_cfg, tmp_path, "vram.max_t=6", "max_steps=2", "logger=none", "sample_every=-1")
     spec = LatentSpec.from_export_meta(json.loads((run_dir / "export" / "last" / "jointdit.json").read_text()))
     assert spec.video_shape[0] == 6 and spec.audio_shape[1] == 72 and spec.seconds == 0.75
     video_seconds = spec.video_shape[0] / spec.video_latent_fps
@@ -191,8 +205,8 @@ def test_max_t_crops_both_streams_to_the_same_span_in_whole_patches(tmp_path):
     assert 0 <= video_seconds - audio_seconds < 4 / spec.audio_latent_fps  # within one audio patch
 
 
-def test_vram_auto_picks_knobs_that_fit_and_trains(tmp_path):
-    run_dir = _train(tmp_path, "vram=auto", "max_steps=2", "checkpoint.every=100")
+def test_vram_auto_picks_knobs_that_fit_and_trains(compose_cfg, tmp_path):
+    run_dir = _train_here(compose_cfg, tmp_path, "vram=auto", "max_steps=2", "checkpoint.every=100", "sample_every=-1")
     _, runs = _runs(tmp_path)
     params, metrics = runs[0].data.params, runs[0].data.metrics
     assert int(params["memory.chosen.micro_batch_size"]) <= 2  # never above batch_size

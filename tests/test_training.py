@@ -90,7 +90,7 @@ def test_resume_continues_the_exact_loss_sequence_in_process(train_cfg, tmp_path
 
     from jointdit.training import train
 
-    common = ["max_steps=6", "checkpoint.every=3", "checkpoint.keep=5", "batch_size=4", "ema.enabled=true"]
+    common = ["max_steps=6", "checkpoint.every=3", "checkpoint.keep=5", "batch_size=2", "ema.enabled=true"]
     train(train_cfg(*common))
     straight = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
     # Another run starts from the first run's step-3 checkpoint and trains to step 6.

@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Mapping
 
+from jointdit.config import to_plain
 from jointdit.codecs.base import AudioCodec, VideoCodec, apply_in_chunks, balanced_chunks
 from jointdit.codecs.mel import MelAudioCodec, MelParams, log_mel, log_spectral_distance
 from jointdit.codecs.pixel import PixelVideoCodec
@@ -47,18 +48,12 @@ def __getattr__(name: str):  # lazy: diffusers/transformers load only when a pre
 
 
 def _to_dict(cfg: Any) -> dict:
-    if cfg is None:
+    c = to_plain(cfg)
+    if c is None:
         return {}
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    except ImportError:  # pragma: no cover
-        pass
-    if isinstance(cfg, Mapping):
-        return dict(cfg)
-    raise TypeError(f"codec config must be a mapping, got {type(cfg).__name__}")
+    if not isinstance(c, Mapping):
+        raise TypeError(f"codec config must be a mapping, got {type(cfg).__name__}")
+    return dict(c)
 
 
 def _kwargs(cls, section: Mapping | None, where: str, renames: Mapping[str, str] | None = None, **extra) -> dict:

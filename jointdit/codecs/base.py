@@ -19,6 +19,8 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from jointdit.config import resolve_device  # noqa: F401  (re-exported: codecs resolve "auto" the same way)
+
 
 @runtime_checkable
 class VideoCodec(Protocol):
@@ -87,13 +89,6 @@ def balanced_chunks(n: int, chunk: int | None) -> list[tuple[int, int]]:
         spans.append((start, stop))
         start = stop
     return spans
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/``None`` -> CUDA when available, else CPU."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

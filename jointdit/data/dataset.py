@@ -11,24 +11,27 @@ audio latent step).
 Shards are opened lazily with ``safetensors.safe_open`` (memory-mapped) once per worker process and
 read with ``get_slice``, so an item reads only its own (cropped) bytes.
 
-    loader = build_dataloader(cache_dir, "train", batch_size=8, max_t=8, num_workers=2, seed=0)
+    data = LatentDataset(cache_dir, "train", spec=latents.spec_for_config(cfg))  # or max_t=8
+    loader = DataLoader(data, batch_size=8, collate_fn=collate_latents, num_workers=2)
     for batch in loader:  # video [B,Tv,Cv,hv,wv], audio [B,Ca,La,Fa], caption [B], first_frame [B,3,H,W], ...
         ...
+
+The trainer orders batches with ``training.EpochBatchSampler`` (each index paired with its epoch, so
+crops drawn in worker processes follow the epoch).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import Dataset
 
 from jointdit.latents import LatentSpec, aligned_lengths
 from jointdit.data.cache import (
@@ -47,8 +50,8 @@ from jointdit.data.cache import (
 
 CLIP_KEYS = ("clip_image", "clip_text_tokens", "clip_text_pooled")
 
-__all__ = ["LatentDataset", "EpochSampler", "aligned_lengths", "collate_latents", "build_dataloader",
-           "ensure_cache", "cache_dir_for", "build_cache", "CacheMissingError"]
+__all__ = ["LatentDataset", "aligned_lengths", "collate_latents", "ensure_cache", "cache_dir_for", "build_cache",
+           "CacheMissingError"]
 
 
 def _ratio(audio_fps: float, video_fps: float) -> Fraction:
@@ -227,49 +230,6 @@ def collate_latents(items: Sequence[dict]) -> dict:
         elif any(present):
             raise ValueError(f"collate_latents: only some items have {key!r}")
     return batch
-
-
-class EpochSampler(Sampler):
-    """Indices as ``(index, epoch)`` pairs, so crops drawn in worker processes follow the epoch.
-
-    Each ``iter()`` is one epoch (the counter then advances); ``set_epoch`` pins it (Accelerate and
-    resuming call it). With ``shuffle`` the order is a permutation drawn from ``(seed, epoch)``.
-    """
-
-    def __init__(self, length: int, shuffle: bool = True, seed: int = 0):
-        self.length, self.shuffle, self.seed, self.epoch = int(length), bool(shuffle), int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        if self.shuffle:
-            order = torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
-        else:
-            order = range(self.length)
-        return iter([(int(i), epoch) for i in order])
-
-
-def build_dataloader(cache_dir: str | os.PathLike, split: str = "train", batch_size: int = 8, max_t: int = 0,
-                     shuffle: bool | None = None, num_workers: int = 0, seed: int = 0, drop_last: bool = False,
-                     random_crop: bool | None = None, pin_memory: bool = False,
-                     persistent_workers: bool | None = None) -> DataLoader:
-    """A DataLoader over :class:`LatentDataset` with :func:`collate_latents` and an :class:`EpochSampler`.
-
-    ``shuffle`` and ``random_crop`` default to True for ``train`` and False otherwise. Workers persist
-    across epochs by default (the sampler hands each index its epoch, so crops still change per epoch).
-    """
-    dataset = LatentDataset(cache_dir, split, max_t=max_t, seed=seed, random_crop=random_crop)
-    shuffle = (split == "train") if shuffle is None else bool(shuffle)
-    num_workers = int(num_workers)
-    persistent = (num_workers > 0) if persistent_workers is None else (bool(persistent_workers) and num_workers > 0)
-    return DataLoader(dataset, batch_size=int(batch_size), sampler=EpochSampler(len(dataset), shuffle, seed),
-                      num_workers=num_workers, collate_fn=collate_latents, drop_last=drop_last,
-                      pin_memory=pin_memory, persistent_workers=persistent)
 
 
 def _built_clip_settings(out: Path) -> dict | None:
