@@ -208,6 +208,11 @@ def plot_losses(history: list[dict[str, float]], path: Path) -> Path:
 
 
 @torch.no_grad()
+def latent_times(spec: LatentSpec) -> dict[str, torch.Tensor]:
+    """The model's RoPE times: the spec's latent centre times in seconds (every item starts at an aligned crop)."""
+    return {"video_times": spec.video_latent_times().float(), "audio_times": spec.audio_latent_times().float()}
+
+
 def validation_loss(model, dataset, cfg: DictConfig, device: torch.device, max_batches: int = 4) -> float | None:
     """Joint-task loss on the validation split with fixed noise (comparable across steps)."""
     if dataset is None or len(dataset) == 0:
@@ -225,7 +230,8 @@ def validation_loss(model, dataset, cfg: DictConfig, device: torch.device, max_b
         video, audio = batch["video"].to(device), batch["audio"].to(device)
         tasks = torch.zeros(video.shape[0], dtype=torch.long, device=device)  # joint
         flow = make_flow_batch(video, audio, tasks, cfg.objective.logit_normal_mean, cfg.objective.logit_normal_std, generator)
-        pred_v, pred_a = model(flow.video, flow.audio, flow.t_video, flow.t_audio, None, "full")
+        pred_v, pred_a = model(flow.video, flow.audio, flow.t_video, flow.t_audio, None, "full",
+                               **latent_times(dataset.spec))
         losses.append(flow_loss(pred_v, pred_a, flow)["loss"].item())
     model.train(was_training)
     return sum(losses) / len(losses) if losses else None
@@ -381,7 +387,8 @@ def train_step(run: Run, batch: dict[str, Any], micro: int) -> dict[str, torch.T
         tasks = sample_tasks(OmegaConf.to_container(objective.tasks), video.shape[0], generator).to(device)
         flow = make_flow_batch(video, audio, tasks, objective.logit_normal_mean, objective.logit_normal_std, generator)
         cond = condition_from_batch(batch, float(objective.drop_text), float(objective.drop_image), generator, device)
-        pred_v, pred_a = run.model(flow.video, flow.audio, flow.t_video, flow.t_audio, cond, "full")
+        pred_v, pred_a = run.model(flow.video, flow.audio, flow.t_video, flow.t_audio, cond, "full",
+                                   **latent_times(run.spec))
         losses = flow_loss(pred_v, pred_a, flow, float(objective.loss_weight_video), float(objective.loss_weight_audio))
         accelerator.backward(losses["loss"])
         if accelerator.sync_gradients and float(cfg.optim.grad_clip) > 0:

@@ -19,7 +19,7 @@ from typing import Callable, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
-from jointdit.config import resolve_device  # noqa: F401  (re-exported: codecs resolve "auto" the same way)
+from jointdit.config import resolve_device  # noqa: F401 (re-exported: codecs resolve "auto" the same way)
 
 
 @runtime_checkable
