@@ -52,7 +52,10 @@ register_resolvers()
 __all__ = ["Session", "SampleRequest", "Sample", "SampleResult", "SamplingCancelled", "load_session", "generate",
            "sample_to_files", "decode_video", "main"]
 
-TASK_INPUTS = {"joint": "", "i2sv": "image= or reference=", "a2v": "audio=", "v2a": "video="}
+TASK_INPUTS = {"joint": "", "i2sv": "image= or reference=", "a2v": "audio=", "v2a": "video=", "extend_v": "video=",
+               "extend_a": "audio=", "inpaint_v": "video=", "inpaint_a": "audio="}
+VIDEO_TASKS = ("v2a", "extend_v", "inpaint_v")     # an input video is (partly) kept
+AUDIO_TASKS = ("a2v", "extend_a", "inpaint_a")     # an input sound is (partly) kept
 
 
 # --------------------------------------------------------------------------------------------------
@@ -227,6 +230,11 @@ class SampleRequest:
     outputs          which files to write per seed: mp4, video_mp4, wav, png
     batch_size       seeds integrated together in one solver call (1: one at a time, least memory)
     max_t            sample at most this many latent video frames (``LatentSpec.crop``; 0: the whole clip)
+    seconds_given    extend_v / extend_a: keep the input's first seconds, generate the rest
+    both             extend_*: also keep the other stream's first seconds (extend_v: ``audio=`` or the
+                     video file's own sound; extend_a: ``video=``)
+    region           inpaint_v: ``(top, left, bottom, right)`` fractions of the frame to regenerate
+    span             inpaint_v / inpaint_a: ``(start_s, end_s)`` seconds to regenerate
     """
 
     task: str = "joint"
@@ -247,6 +255,10 @@ class SampleRequest:
     outputs: Sequence[str] = OUTPUT_KINDS
     batch_size: int = 1
     max_t: int = 0
+    seconds_given: float | None = None
+    both: bool = False
+    region: Sequence[float] | None = None
+    span: Sequence[float] | None = None
 
 
 @dataclass
@@ -373,10 +385,23 @@ def check_request(request: SampleRequest) -> None:
     if int(request.max_t or 0) < 0:
         raise ConfigError(f"max_t={request.max_t} must be >= 0 (0: the whole clip)")
     _seeds(request.seeds)
+    task = request.task
     need = {"i2sv": request.image if request.image is not None else request.reference,
-            "a2v": request.audio, "v2a": request.video}.get(request.task, True)
+            **{t: request.video for t in VIDEO_TASKS}, **{t: request.audio for t in AUDIO_TASKS}}.get(task, True)
     if need is None or (isinstance(need, str) and not need):
-        raise ConfigError(f"task={request.task} needs `{TASK_INPUTS[request.task]}<file>`")
+        raise ConfigError(f"task={task} needs `{TASK_INPUTS[task]}<file>`")
+    if task.startswith("extend_") and not (request.seconds_given and float(request.seconds_given) > 0):
+        raise ConfigError(f"task={task} needs seconds_given=<seconds> > 0, the length of the input kept")
+    if task == "extend_a" and request.both and request.video is None:
+        raise ConfigError("task=extend_a both=true also keeps the video's first seconds: give video=<file>")
+    if task == "extend_v" and request.both and request.audio is None and not isinstance(request.video, (str, Path)):
+        raise ConfigError("task=extend_v both=true also keeps the sound's first seconds: give audio=<file> "
+                          "(or a video file with sound)")
+    if task == "inpaint_v" and (request.region is None) == (request.span is None):
+        raise ConfigError("task=inpaint_v needs exactly one of region=[top,left,bottom,right] (fractions of the "
+                          "frame) and span=[start_s,end_s] (seconds) to regenerate")
+    if task == "inpaint_a" and request.span is None:
+        raise ConfigError("task=inpaint_a needs span=[start_s,end_s], the seconds of sound to regenerate")
     for key in ("image", "audio", "video"):
         value = getattr(request, key)
         if isinstance(value, (str, Path)) and value and not Path(value).expanduser().is_file():
@@ -384,6 +409,19 @@ def check_request(request: SampleRequest) -> None:
     unknown = set(request.outputs) - set(OUTPUT_KINDS)
     if unknown:
         raise ConfigError(f"unknown outputs {sorted(unknown)}; choose from {list(OUTPUT_KINDS)}")
+
+
+def _mask_params(request: SampleRequest) -> dict[str, Any]:
+    """The mask parameters of the request's task (:func:`jointdit.diffusion.masks.set_mode`)."""
+    task, out = request.task, {}
+    if task.startswith("extend_"):
+        out = {"seconds_given": float(request.seconds_given), "both": bool(request.both)}
+    elif task == "inpaint_v":
+        out = {"region": None if request.region is None else tuple(float(r) for r in request.region),
+               "span": None if request.span is None else tuple(float(r) for r in request.span)}
+    elif task == "inpaint_a":
+        out = {"span": tuple(float(r) for r in request.span)}
+    return out
 
 
 def decode_video(codec, z: torch.Tensor, chunk: int | None) -> torch.Tensor:
@@ -427,16 +465,19 @@ def _conditions(session: Session, request: SampleRequest, geometry: LatentSpec, 
                                                 fps=g.fps, size=g.size, sample_rate=g.sample_rate)
             z = session.video_codec.encode(image[None, None].to(dev))                     # [1, 1, Cv, hv, wv]
             first = g.normalize_video(z)[:, 0]                                           # [1, Cv, hv, wv]
-        elif request.task == "a2v":
-            wave = io.load_audio(request.audio, seconds=g.seconds, sample_rate=g.sample_rate, fps=g.fps, size=g.size)
-            z = session.audio_codec.encode(wave[None].to(dev))                            # [1, Ca, La', Fa]
-            audio_latent = g.normalize_audio(z[:, :, : g.audio_shape[1]])                # the spec's whole patches
-        elif request.task == "v2a":
+        keep_video = request.task in VIDEO_TASKS or (request.task == "extend_a" and request.both)
+        keep_audio = request.task in AUDIO_TASKS or (request.task == "extend_v" and request.both)
+        if keep_video:
             frames = io.load_video(request.video, fps=g.fps, size=g.size, seconds=g.seconds,
                                    sample_rate=g.sample_rate)                           # [T, 3, H, W]
             image = frames[0]
             z = session.video_codec.encode(frames[None].to(dev))                          # [1, Tv', Cv, hv, wv]
             video_latent = g.normalize_video(z[:, : g.video_shape[0]])
+        if keep_audio:
+            source = request.audio if request.audio is not None else request.video     # extend_v both: its own sound
+            wave = io.load_audio(source, seconds=g.seconds, sample_rate=g.sample_rate, fps=g.fps, size=g.size)
+            z = session.audio_codec.encode(wave[None].to(dev))                            # [1, Ca, La', Fa]
+            audio_latent = g.normalize_audio(z[:, :, : g.audio_shape[1]])                # the spec's whole patches
     return image, first, video_latent, audio_latent
 
 
@@ -497,8 +538,7 @@ def generate(session: Session, request: SampleRequest,
                 session.model, geometry.video_shape, geometry.audio_shape, steps=steps, seed=seeds[i:i + bs],
                 task=task, guidance=guidance, cond=cond, neg_cond=neg_cond, first_frame=first,
                 video_latent=video_latent, audio_latent=audio_latent, shift_video=shift_video, shift_audio=shift_audio,
-                video_times=geometry.video_latent_times().float(), audio_times=geometry.audio_latent_times().float(),
-                callback=step_callback)
+                spec=geometry, mask_params=_mask_params(request), callback=step_callback)
             latents += list(zip(z_v, z_a))
             done += steps * len(seeds[i:i + bs])
 
@@ -581,7 +621,9 @@ def request_from_cfg(cfg: DictConfig | Mapping) -> SampleRequest:
         shift_audio=_opt_float((get("schedule") or {}).get("shift_audio")),
         out_dir=None if get("out_dir") is None else str(get("out_dir")), name=get("name"),
         overwrite=bool(get("overwrite", False)), outputs=tuple(_plain(get("outputs")) or OUTPUT_KINDS),
-        batch_size=int(get("batch_size", 1) or 1), max_t=int(get("max_t", 0) or 0))
+        batch_size=int(get("batch_size", 1) or 1), max_t=int(get("max_t", 0) or 0),
+        seconds_given=_opt_float(get("seconds_given")), both=bool(get("both", False)),
+        region=_plain(get("region")), span=_plain(get("span")))
 
 
 def sample_to_files(cfg: DictConfig | Mapping) -> SampleResult:

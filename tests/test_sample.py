@@ -109,7 +109,7 @@ def _request(task: str, inputs: dict, out_dir: Path, **kw):
     from jointdit.sample import SampleRequest
 
     given = {"joint": {}, "i2sv": {"image": str(inputs["png"])}, "a2v": {"audio": str(inputs["wav"])},
-             "v2a": {"video": str(inputs["mp4"])}}[task]
+             "v2a": {"video": str(inputs["mp4"])}}.get(task, {})
     return SampleRequest(**{"task": task, "steps": STEPS, "seeds": [3], "out_dir": out_dir, "guidance": "none",
                             **given, **kw})
 
@@ -145,6 +145,41 @@ def test_every_task_writes_real_files(task, session, inputs, tmp_path):
             frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
         expected = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1
         torch.testing.assert_close(sample.frames, expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("task, params", [("extend_v", {"seconds_given": 0.5, "both": True}),
+                                          ("inpaint_v", {"region": (0.0, 0.0, 0.5, 0.5)}),
+                                          ("inpaint_a", {"span": (0.2, 0.6)})])
+def test_extend_and_inpaint_keep_what_they_are_given(task, params, session, inputs, tmp_path):
+    """The kept part of the input comes back exactly (pixel codec: lossless; audio: in latent space)."""
+    from jointdit.codecs import build_codecs
+    from jointdit.sample import generate
+
+    source = {"video": str(inputs["mp4"])} if task != "inpaint_a" else {"audio": str(inputs["wav"])}
+    result = generate(session, _request(task, inputs, tmp_path, **source, **params))
+    (sample,) = result.samples
+    _check_files(sample)
+    with av.open(str(inputs["mp4"])) as c:
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    video = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1                 # [8, 3, 32, 32]
+    _, mel = build_codecs(fx.CODEC)
+    if task == "extend_v":          # first 0.5 s = 4 latent frames of video, and 50 mel steps (whole patches: 48)
+        torch.testing.assert_close(sample.frames[:4], video[:4], atol=1e-6, rtol=0)
+        assert (sample.frames[4:] - video[4:]).abs().mean() > 1e-2
+        with av.open(str(inputs["mp4"])) as c:
+            sound = np.concatenate([f.to_ndarray().reshape(-1) for f in c.decode(audio=0)])[:N_SAMPLES]
+        z = mel.encode(torch.from_numpy(sound.astype(np.float32))[None])
+        torch.testing.assert_close(sample.z_audio[:, :48], z[0, :, :48], atol=1e-5, rtol=0)
+    elif task == "inpaint_v":       # the top-left quarter (2x2 latent pixels of 8 px) is regenerated
+        keep = torch.ones(SIZE, SIZE, dtype=torch.bool)
+        keep[:16, :16] = False
+        torch.testing.assert_close(sample.frames[:, :, keep], video[:, :, keep], atol=1e-6, rtol=0)
+        assert (sample.frames[:, :, ~keep] - video[:, :, ~keep]).abs().mean() > 1e-2
+    else:   # audio steps meeting 0.2-0.6 s (step j covers j/100 ± 5 ms: 20..60) widened to patches of 4: 20..64
+        z = mel.encode(inputs["wave"][None])[0]
+        torch.testing.assert_close(sample.z_audio[:, :20], z[:, :20], atol=1e-5, rtol=0)
+        torch.testing.assert_close(sample.z_audio[:, 64:], z[:, 64:], atol=1e-5, rtol=0)
+        assert (sample.z_audio[:, 20:64] - z[:, 20:64]).abs().mean() > 1e-2
 
 
 def test_same_seed_same_output_and_cached_reference_frame(session, inputs, tmp_path):
@@ -325,6 +360,10 @@ def test_bad_requests_fail_before_loading(compose_cfg, tmp_path):
         sample_to_files(compose_cfg("sample", [f"checkpoint={nowhere}", "task=a2v", f"audio={tmp_path}/missing.wav"]))
     with pytest.raises(ValueError, match="task='x2y'; choose one of"):
         sample_to_files(compose_cfg("sample", [f"checkpoint={nowhere}", "task=x2y"]))
+    with pytest.raises(ValueError, match="task=extend_v needs seconds_given"):
+        sample_to_files(compose_cfg("sample", [f"checkpoint={nowhere}", "task=extend_v", f"video={tmp_path}"]))
+    with pytest.raises(ValueError, match="task=inpaint_v needs exactly one of region"):
+        sample_to_files(compose_cfg("sample", [f"checkpoint={nowhere}", "task=inpaint_v", f"video={tmp_path}"]))
 
 
 def test_prompt_without_clip_warns(session):

@@ -10,17 +10,27 @@ update). ``v̂`` is the guided prediction (:mod:`jointdit.diffusion.guidance`).
 
 Per-modality schedules. Video and audio each own a scheduler instance (``shift_video`` /
 ``shift_audio`` warp their sigmas, ``σ ← s·σ / (1 + (s − 1)·σ)``; 1 = uniform in t), so each modality's
-adaLN gets its own timestep. Conditional tasks feed the conditioning part clean, at t = 0, and keep it
-fixed (as in training, :mod:`jointdit.diffusion.flow`):
+adaLN gets its own timestep.
 
-========  ========================================================  =================
-task      clean and fixed                                           generated
-========  ========================================================  =================
-joint     nothing                                                   video, audio
-i2sv      latent video frame 0 (the encoded image), t_video[:,0]=0  frames 1.., audio
-a2v       the audio latent (encoded input audio), t_audio = 0       video
-v2a       the video latent (encoded input video), t_video = 0       audio
-========  ========================================================  =================
+Conditioning. What a task keeps clean and fixed is its :class:`~jointdit.diffusion.masks.ConditionMask`
+(:mod:`jointdit.diffusion.masks`, the ONE definition training uses too): given latents get ``t = 0``
+(per frame, per position or per audio step) and are put back after every step,
+``x ← G·given + (1 − G)·x``; the rest is integrated:
+
+=============  ========================================================  ==========================
+task           given (clean, fixed)                                      generated
+=============  ========================================================  ==========================
+``joint``      nothing                                                   video, audio
+``i2sv``       latent frame 0 (the encoded image; its whole temporal     frames 1.., audio
+               patch, repeated)
+``a2v``        the audio latent                                          video
+``v2a``        the video latent                                          audio
+``extend_v``   video of the first ``seconds_given`` (+ audio's: ``both``)  the rest
+``extend_a``   audio of the first ``seconds_given`` (+ video's: ``both``)  the rest
+``inpaint_v``  video outside ``region`` (top, left, bottom, right          the region / span; all audio
+               fractions) or outside ``span`` (start_s, end_s)
+``inpaint_a``  audio outside ``span``                                    the span; all video
+=============  ========================================================  ==========================
 
 Determinism: the initial noise of a seed comes from ``torch.Generator('cpu').manual_seed(seed)``
 (video noise drawn first, then audio, for every task; :func:`initial_noise`), and Euler needs no
@@ -34,17 +44,23 @@ return ``True`` (or raise :class:`SamplingCancelled` itself) to stop: the solver
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from jointdit.diffusion.flow import TASKS
+from jointdit.diffusion import masks
 from jointdit.diffusion.guidance import JointCFG
 from jointdit.models.conditioning import Condition
 
-__all__ = ["TASKS", "SamplingCancelled", "make_scheduler", "initial_noise", "sample_latents"]
+# every conditioning mode of masks.MODES except t2v / t2a (an absent stream needs iso attention in every
+# guidance branch, which the guidance does not offer)
+TASKS: tuple[str, ...] = tuple(m for m in masks.MODES if m not in ("t2v", "t2a"))
+MASK_PARAMS: tuple[str, ...] = ("seconds_given", "both", "region", "span")
+
+__all__ = ["TASKS", "MASK_PARAMS", "SamplingCancelled", "make_scheduler", "initial_noise", "sample_latents"]
 
 StepCallback = Callable[[int, int], "bool | None"]
 
@@ -96,6 +112,23 @@ def _check(z: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
     return z.expand(shape)
 
 
+def condition_mask(model: torch.nn.Module, video_shape: Sequence[int], audio_shape: Sequence[int], task: str,
+                   batch: int = 1, spec: Any = None, **params) -> masks.ConditionMask:
+    """The task's mask on this model's latent grid, ``batch`` rows. Rates and time origins come from
+    ``spec`` (a :class:`~jointdit.latents.LatentSpec`) when given, else from the model's config (origin 0);
+    patch sizes always from the model."""
+    cfg = model.config
+    if spec is not None:
+        geometry = masks.Geometry.from_spec(spec, cfg.video_patch_size, cfg.audio_patch_size)
+    else:
+        geometry = masks.Geometry.of(video_shape, audio_shape, cfg.video_latent_fps, cfg.audio_latent_fps,
+                                     cfg.video_patch_size, cfg.audio_patch_size)
+    mask = masks.empty_mask(batch, geometry)
+    for i in range(batch):
+        masks.set_mode(mask, i, task, geometry, **params)
+    return mask
+
+
 @torch.inference_mode()
 def sample_latents(
     model: torch.nn.Module,
@@ -112,10 +145,10 @@ def sample_latents(
     first_frame: Tensor | None = None,
     video_latent: Tensor | None = None,
     audio_latent: Tensor | None = None,
+    mask_params: Mapping[str, Any] | None = None,
     shift_video: float = 1.0,
     shift_audio: float = 1.0,
-    video_times: Tensor | None = None,
-    audio_times: Tensor | None = None,
+    spec: Any = None,
     callback: StepCallback | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Integrate the guided flow ODE; returns clean latents ``(z_video [B,Tv,Cv,hv,wv], z_audio [B,Ca,La,Fa])``.
@@ -124,11 +157,13 @@ def sample_latents(
     seed         one seed (B = 1) or a list of seeds (B = len), drawn by :func:`initial_noise`
     noise        or the initial noise itself, ``([B, *video_shape], [B, *audio_shape])``
     first_frame  [1|B, Cv, hv, wv]       (i2sv) the encoded image, kept at latent frame 0
-    audio_latent [1|B, Ca, La, Fa]       (a2v)  the encoded audio, kept fixed at t = 0
-    video_latent [1|B, Tv, Cv, hv, wv]   (v2a)  the encoded video, kept fixed at t = 0
+    video_latent [1|B, Tv, Cv, hv, wv]   the encoded video whose given part is kept (v2a, extend_v, inpaint_v, both)
+    audio_latent [1|B, Ca, La, Fa]       the encoded audio whose given part is kept (a2v, extend_a, inpaint_a, both)
+    mask_params  the mode's parameters: ``seconds_given``, ``both``, ``region``, ``span`` (see the module doc)
     cond, neg_cond                       CLIP conditions with 1 or B rows (None: the learned null ones)
-    video_times [Tv], audio_times [La]   latent centre times in seconds for the model's RoPE
-                                         (``LatentSpec.video_latent_times()``); None: the model's default i/rate
+    spec         the clip's :class:`~jointdit.latents.LatentSpec`: its latent centre times (time origins)
+                 place the RoPE phases (``video_times``/``audio_times`` of the model) and the mask's
+                 seconds; None: latent i at i / rate (the model's default)
     callback     ``callback(step, total)`` after every step; returning True cancels (see module doc)
     """
     if task not in TASKS:
@@ -144,50 +179,53 @@ def sample_latents(
             or noise_v.shape[0] != noise_a.shape[0]:
         raise ValueError(f"noise shapes {tuple(noise_v.shape)} / {tuple(noise_a.shape)} do not match "
                          f"[B, {video_shape}] / [B, {audio_shape}]")
+    unknown = set(mask_params or {}) - set(MASK_PARAMS)
+    if unknown:
+        raise ValueError(f"unknown mask parameter(s) {sorted(unknown)}; known: {list(MASK_PARAMS)}")
     guidance = guidance or JointCFG()
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
-    b, tv = noise_v.shape[0], video_shape[0]
+    b = noise_v.shape[0]
     x_v, x_a = noise_v.to(device, dtype), noise_a.to(device, dtype)                     # [B, Tv, Cv, hv, wv], [B, Ca, La, Fa]
 
-    fixed_v = fixed_a = False
+    if spec is not None and (tuple(spec.video_shape) != video_shape or tuple(spec.audio_shape) != audio_shape):
+        raise ValueError(f"spec shapes {spec.video_shape} / {spec.audio_shape} differ from the sampled "
+                         f"{video_shape} / {audio_shape}")
+    mask = condition_mask(model, video_shape, audio_shape, task, b, spec, **dict(mask_params or {})).to(device)
+    given_v = given_a = None
     if task == "i2sv":
         if first_frame is None:
             raise ValueError("task=i2sv needs the encoded first frame (an image or a reference clip)")
-        first_frame = _check(first_frame.reshape(-1, *video_shape[1:]), (b, *video_shape[1:]),
-                             "first-frame latent").to(device, dtype)                    # [B, Cv, hv, wv]
-        x_v[:, 0] = first_frame
-    elif task == "a2v":
-        if audio_latent is None:
-            raise ValueError("task=a2v needs the encoded conditioning audio")
-        x_a = _check(audio_latent, (b, *audio_shape), "audio latent").to(device, dtype).clone()
-        fixed_a = True
-    elif task == "v2a":
+        first_frame = _check(first_frame.reshape(-1, *video_shape[1:]), (b, *video_shape[1:]), "first-frame latent")
+        given_v = first_frame.to(device, dtype)[:, None].expand(b, *video_shape)        # the image, in every frame
+    elif bool(mask.video.any()):
         if video_latent is None:
-            raise ValueError("task=v2a needs the encoded conditioning video")
-        x_v = _check(video_latent, (b, *video_shape), "video latent").to(device, dtype).clone()
-        fixed_v = True
+            raise ValueError(f"task={task} needs the encoded conditioning video")
+        given_v = _check(video_latent, (b, *video_shape), "video latent").to(device, dtype)
+    if bool(mask.audio.any()):
+        if audio_latent is None:
+            raise ValueError(f"task={task} needs the encoded conditioning audio")
+        given_a = _check(audio_latent, (b, *audio_shape), "audio latent").to(device, dtype)
+    x_v, x_a = mask.hold(x_v, x_a, given_v, given_a)
     cond = None if cond is None else _rows(cond.to(device=device), b)
     neg_cond = None if neg_cond is None else neg_cond.to(device=device)
 
     sched_v = make_scheduler(steps, shift_video, device)
     sched_a = make_scheduler(steps, shift_audio, device)
-    zero = torch.zeros(b, device=device)
-    times = {k: v for k, v in (("video_times", video_times), ("audio_times", audio_times)) if v is not None}
+    times = {} if spec is None else {"video_times": spec.video_latent_times().float(),
+                                     "audio_times": spec.audio_latent_times().float()}
+    all_v, all_a = bool(mask.video.all()), bool(mask.audio.all())
     total = int(steps)
     for i in range(total):
         sig_v, sig_a = float(sched_v.sigmas[i]), float(sched_a.sigmas[i])
-        t_v = zero if fixed_v else torch.full((b, tv), sig_v, device=device)            # [B, Tv]
-        if task == "i2sv":
-            t_v[:, 0] = 0.0                                                             # clean first frame
-        t_a = zero if fixed_a else torch.full((b,), sig_a, device=device)               # [B]
+        t_v, t_a = mask.timesteps(torch.full((b,), sig_v, device=device),
+                                  torch.full((b,), sig_a, device=device))              # [B, Tv|Nv], [B] or [B, La]
         pred_v, pred_a = guidance(model, x_v, x_a, t_v, t_a, cond, neg_cond, **times)
-        if not fixed_v:
+        if not all_v:
             x_v = sched_v.step(pred_v, sched_v.timesteps[i], x_v, return_dict=False)[0]
-            if task == "i2sv":
-                x_v[:, 0] = first_frame
-        if not fixed_a:
+        if not all_a:
             x_a = sched_a.step(pred_a, sched_a.timesteps[i], x_a, return_dict=False)[0]
+        x_v, x_a = mask.hold(x_v, x_a, given_v, given_a)
         if callback is not None and callback(i + 1, total) is True:
             raise SamplingCancelled(i + 1, total)
     return x_v.float(), x_a.float()

@@ -104,6 +104,43 @@ def test_conditioning_latents_stay_fixed(task, tiny_loaded):
 
 
 @torch.inference_mode()
+@pytest.mark.parametrize("task, params", [("extend_v", {"seconds_given": 0.5}),
+                                          ("inpaint_a", {"span": (0.2, 0.6)})])
+def test_partial_conditions_follow_the_mask(task, params, tiny_loaded):
+    """extend_v keeps the first 0.5 s of video (4 of 8 latent frames); inpaint_a regenerates 0.2–0.6 s of
+    audio (the steps meeting it, j/100 ± 5 ms: 20..60, widened to whole patches of 4: 20..64) and keeps the
+    rest. Oracle: an Euler loop with per-frame / per-step times, written out here."""
+    g = torch.Generator().manual_seed(2)
+    video, audio = torch.randn(1, *VIDEO_SHAPE, generator=g), torch.randn(1, *AUDIO_SHAPE, generator=g)
+    kw = {"video_latent": video} if task == "extend_v" else {"audio_latent": audio}
+    zv, za = sample_latents(tiny_loaded, VIDEO_SHAPE, AUDIO_SHAPE, steps=2, seed=5, task=task, guidance=JointCFG(),
+                            mask_params=params, **kw)
+    xv, xa = initial_noise(VIDEO_SHAPE, AUDIO_SHAPE, 5)
+    keep_v = torch.zeros(VIDEO_SHAPE[0], dtype=torch.bool)
+    keep_a = torch.zeros(AUDIO_SHAPE[1], dtype=torch.bool)
+    if task == "extend_v":
+        keep_v[:4] = True
+    else:
+        keep_a[:] = True
+        keep_a[20:64] = False
+    xv[:, keep_v], xa[:, :, keep_a] = video[:, keep_v], audio[:, :, keep_a]
+    ts = torch.linspace(1, 0, 3)
+    for i in range(2):
+        t_v = torch.full((1, VIDEO_SHAPE[0]), float(ts[i]))
+        t_v[:, keep_v] = 0
+        t_a = torch.full((1, AUDIO_SHAPE[1]), float(ts[i]))
+        t_a[:, keep_a] = 0
+        vv, va = tiny_loaded(xv, xa, t_v, t_a if task == "inpaint_a" else t_a[:, 0], None, "full")
+        xv, xa = xv + (ts[i + 1] - ts[i]) * vv, xa + (ts[i + 1] - ts[i]) * va
+        xv[:, keep_v], xa[:, :, keep_a] = video[:, keep_v], audio[:, :, keep_a]
+    torch.testing.assert_close(zv, xv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(za, xa, atol=1e-5, rtol=1e-5)
+    assert torch.equal(zv[:, keep_v], video[:, keep_v]) and torch.equal(za[:, :, keep_a], audio[:, :, keep_a])
+    with pytest.raises(ValueError, match=f"task={task} needs the encoded conditioning"):
+        sample_latents(tiny_loaded, VIDEO_SHAPE, AUDIO_SHAPE, steps=1, seed=5, task=task, mask_params=params)
+
+
+@torch.inference_mode()
 def test_callback_sees_every_step_and_can_cancel(tiny_loaded):
     seen = []
     sample_latents(tiny_loaded, VIDEO_SHAPE, AUDIO_SHAPE, steps=3, seed=0, callback=lambda i, n: seen.append((i, n)))
@@ -114,7 +151,7 @@ def test_callback_sees_every_step_and_can_cancel(tiny_loaded):
     class Counting(torch.nn.Module):
         def __init__(self, inner):
             super().__init__()
-            self.inner = inner
+            self.inner, self.config = inner, inner.config
 
         def forward(self, *args):
             calls.append(1)
@@ -126,6 +163,11 @@ def test_callback_sees_every_step_and_can_cancel(tiny_loaded):
 
 
 def test_bad_inputs_are_named(tiny_loaded):
+    with pytest.raises(ValueError, match="extend_v needs seconds_given > 0"):
+        sample_latents(tiny_loaded, VIDEO_SHAPE, AUDIO_SHAPE, steps=1, seed=0, task="extend_v",
+                       video_latent=torch.zeros(1, *VIDEO_SHAPE))
+    with pytest.raises(ValueError, match="unknown task 't2v'"):
+        sample_latents(tiny_loaded, VIDEO_SHAPE, AUDIO_SHAPE, steps=1, seed=0, task="t2v")
     with pytest.raises(ValueError, match="unknown task 'x2y'"):
         sample_latents(tiny_loaded, VIDEO_SHAPE, AUDIO_SHAPE, steps=1, seed=0, task="x2y")
     with pytest.raises(ValueError, match="a2v needs the encoded conditioning audio"):
