@@ -30,3 +30,44 @@ def test_submitit_sweep_gives_one_parent_and_a_child_per_job(tmp_path):
     sweep = next((tmp_path / "multirun").glob("*/*"))
     assert len(list(sweep.glob(".submitit/*/*_log.out"))) == 2
     assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == ["0", "1"]
+
+
+SLURM_TASK = {"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": "/tmp/submitit", "SLURM_JOB_ID": "4242",
+              "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_NUM_NODES": "2",
+              "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu[01-02]"}
+SHOW_ENV = """
+import os, json
+from jointdit.launch import export_submitit_env
+done = export_submitit_env()
+print(json.dumps({"done": done, **{k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}}))
+"""
+
+
+def _exported(extra: dict[str, str]) -> dict:
+    import json
+    import os
+    import subprocess
+
+    from helpers import PYTHON, REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_", "RANK", "WORLD_SIZE",
+                                                                    "LOCAL_RANK", "MASTER_"))}
+    env.update(PYTHONPATH=str(REPO), **extra)
+    result = subprocess.run([PYTHON, "-c", SHOW_ENV], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_slurm_task_becomes_an_accelerate_rank():
+    """The 4th task of a 2-node x 2-task job (hydra/launcher=slurm): SLURM's variables, read by submitit,
+    become the torch.distributed variables Accelerate reads."""
+    got = _exported(SLURM_TASK)
+    assert got["done"] is True
+    assert (got["RANK"], got["WORLD_SIZE"], got["LOCAL_RANK"], got["MASTER_ADDR"]) == ("3", "4", "1", "gpu01")
+    assert 20000 <= int(got["MASTER_PORT"]) <= 60000  # derived from the job id: the same on every task
+
+
+def test_no_export_inside_accelerate_launch_or_for_a_single_task():
+    assert _exported({**SLURM_TASK, "RANK": "0"})["done"] is False       # accelerate launch/torchrun set it
+    assert _exported({**SLURM_TASK, "SLURM_NTASKS": "1"})["done"] is False
+    assert _exported({})["done"] is False and _exported({})["RANK"] is None
