@@ -105,7 +105,11 @@ class LatentDataset(Dataset):
             raise CacheMissingError(_missing_message(
                 self.cache_dir, split, f"the cache {self.cache_dir} holds no clips of split {split!r}"))
         if spec is None:
-            spec = read_cache_spec(self.cache_dir).with_stats(None, None).crop(int(max_t or 0))
+            cache_spec = read_cache_spec(self.cache_dir)
+            if cache_spec is None:
+                raise CacheMissingError(_missing_message(
+                    self.cache_dir, split, f"{self.cache_dir} has an index but no {META_NAME} (the cache's LatentSpec)"))
+            spec = cache_spec.with_stats(None, None).crop(int(max_t or 0))
         self.spec = spec
         self.video_fps, self.audio_fps = spec.video_latent_fps, spec.audio_latent_fps
         held = {r["id"]: aligned_lengths(int(r["video_shape"][0]), int(r["audio_shape"][1]), self.video_fps,

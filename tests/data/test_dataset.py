@@ -185,3 +185,6 @@ def test_missing_cache_or_split_says_how_to_build_it(cache, tmp_path):
     with pytest.raises(CacheMissingError, match=r"no clips of split 'val'.*"
                                                  r"`python -m jointdit\.cache data=synthetic codec=pixel_mel split=val`"):
         LatentDataset(only_train, "val")
+    (only_train / "meta.json").unlink()
+    with pytest.raises(CacheMissingError, match=r"an index but no meta\.json.*python -m jointdit\.cache"):
+        LatentDataset(only_train, "train")
