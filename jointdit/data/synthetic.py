@@ -221,6 +221,11 @@ def make_clip(index: int, seed: int = 0, spec: SyntheticSpec = SyntheticSpec(), 
 # ----------------------------------------------------------------------------------------------
 
 
+def held_out_position(block: int, every: int) -> int:
+    """Position inside block ``block`` (of ``every`` clips) of the one clip that is held out."""
+    return (every - 1 - block) % every
+
+
 def write_dataset(
     out: str | os.PathLike,
     num_clips: int = 64,
@@ -231,7 +236,9 @@ def write_dataset(
 ) -> Path:
     """Write ``num_clips`` MP4s in AVSync15's layout plus ``metadata.jsonl``; existing clips are kept.
 
-    The split is deterministic: every ``round(1/val_fraction)``-th clip goes to ``test.txt``.
+    The split is deterministic: one clip of each block of ``round(1/val_fraction)`` clips goes to
+    ``test.txt``, at a position that moves back by one each block, so the held-out clips rotate
+    through the classes (a fixed position would hold out one class only, since classes cycle).
     ``metadata.jsonl`` is written last (atomically), so a folder that has it is complete.
     """
     out = Path(out)
@@ -243,7 +250,7 @@ def write_dataset(
         target = out / "videos" / relative
         if not target.exists():
             write_mp4(target, clip.frames, spec.fps, clip.wave, spec.sample_rate)
-        split = "test" if every and index % every == every - 1 else "train"
+        split = "test" if every and index % every == held_out_position(index // every, every) else "train"
         (test if split == "test" else train).append(relative)
         rows.append({"id": clip.id, "path": relative, "label": clip.label, "caption": clip.caption,
                      "events": clip.events, "split": split, "seed": seed, "index": index, **asdict(spec)})

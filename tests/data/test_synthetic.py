@@ -90,3 +90,15 @@ def test_cli_writes_mp4s_and_index(tmp_path):
     assert sorted(listed) == sorted(r["path"] for r in rows)
     clip = read_clip(tmp_path / "videos" / rows[0]["path"], fps=10, size=32, seconds=1.0, sample_rate=16000)
     assert clip.frames.shape == (10, 3, 32, 32)
+
+
+def test_held_out_split_covers_every_class(tmp_path):
+    from jointdit.data.synthetic import write_dataset
+
+    write_dataset(tmp_path, num_clips=32, spec=SyntheticSpec(fps=8, size=16, seconds=0.5), val_fraction=0.125,
+                  progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    held_out = [r for r in rows if r["split"] == "test"]
+    assert len(held_out) == 4  # one per block of 8, as before
+    assert sorted(r["label"] for r in held_out) == sorted(CLASSES)
+    assert sorted((tmp_path / "test.txt").read_text().split()) == sorted(r["path"] for r in held_out)
