@@ -633,8 +633,12 @@ def sample_to_files(cfg: DictConfig | Mapping) -> SampleResult:
 
     from jointdit.tracking import Tracker, flatten, job_run_name
 
+    from jointdit.io.outputs import check_output_name
+
     request = request_from_cfg(cfg)
     check_request(request)
+    if request.out_dir is not None:
+        check_output_name(request.out_dir, request.name, overwrite=bool(request.overwrite))
     paths = cfg.get("paths") or {}
     session = load_session(str(cfg.checkpoint), device=cfg.get("device"), vram=cfg.get("vram"), codec=cfg.get("codec"),
                            clip=cfg.get("clip"), kv_downsample=cfg.get("kv_downsample"),

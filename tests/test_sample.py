@@ -364,6 +364,11 @@ def test_bad_requests_fail_before_loading(compose_cfg, tmp_path):
         sample_to_files(compose_cfg("sample", [f"checkpoint={nowhere}", "task=extend_v", f"video={tmp_path}"]))
     with pytest.raises(ValueError, match="task=inpaint_v needs exactly one of region"):
         sample_to_files(compose_cfg("sample", [f"checkpoint={nowhere}", "task=inpaint_v", f"video={tmp_path}"]))
+    (tmp_path / "out" / "take").mkdir(parents=True)
+    (tmp_path / "out" / "take" / "old.wav").write_bytes(b"keep")
+    with pytest.raises(ValueError, match="take already holds samples"):
+        sample_to_files(compose_cfg("sample", [f"checkpoint={nowhere}", f"out_dir={tmp_path / 'out'}", "name=take"]))
+    assert (tmp_path / "out" / "take" / "old.wav").read_bytes() == b"keep"
 
 
 def test_prompt_without_clip_warns(session):
@@ -427,4 +432,4 @@ def test_entry_point_writes_files(checkpoint, tmp_path):
     assert all(p.is_file() and p.stat().st_size > 0 for p in printed[1:])
     again = run_module("jointdit.sample", f"checkpoint={checkpoint}", f"steps={STEPS}", f"paths.root_dir={tmp_path}",
                        f"out_dir={tmp_path / 'out'}", "progress=false", "name=run1")
-    assert again.returncode != 0 and "already holds samples" in again.stderr
+    assert again.returncode == 2 and "already holds samples" in again.stderr and "Traceback" not in again.stderr

@@ -38,27 +38,38 @@ def default_name(task: str, seeds: Sequence[int], now: datetime | None = None) -
     return f"{stamp}_{task}_seed{int(seeds[0])}{more}"
 
 
+def check_output_name(out_dir: str | os.PathLike, name: str | None = None, *, overwrite: bool = False) -> None:
+    """Raise what :func:`claim_output_dir` would for ``name``, without creating anything (a check before
+    any work; the claim itself stays exclusive)."""
+    if not name:
+        return
+    root = Path(out_dir).expanduser()
+    name = str(name)
+    if Path(name).name != name or name in (".", ".."):
+        raise ConfigError(f"name={name!r} must be a plain folder name (no '/' or '..')",
+                          hint=f"it is created under out_dir ({root}); change out_dir to write elsewhere")
+    folder = root / name
+    if folder.exists() and not folder.is_dir():
+        raise OutputExistsError(f"{folder} exists and is not a folder", hint="choose another name=")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"{folder} already holds samples; they are kept",
+            hint="choose another name=, leave name unset for a fresh timestamped folder, or pass "
+                 "overwrite=true to replace its files")
+
+
 def claim_output_dir(out_dir: str | os.PathLike, name: str | None = None, *, overwrite: bool = False,
                      task: str = "sample", seeds: Sequence[int] = (0,)) -> Path:
     """Create and return this call's own folder under ``out_dir`` (see the module docstring)."""
     root = Path(out_dir).expanduser()
+    check_output_name(root, name, overwrite=overwrite)
     root.mkdir(parents=True, exist_ok=True)
     if name:
-        name = str(name)
-        if Path(name).name != name or name in (".", ".."):
-            raise ConfigError(f"name={name!r} must be a plain folder name (no '/' or '..')",
-                              hint=f"it is created under out_dir ({root}); change out_dir to write elsewhere")
-        folder = root / name
+        folder = root / str(name)
         try:
             folder.mkdir()
         except FileExistsError:
-            if not folder.is_dir():
-                raise OutputExistsError(f"{folder} exists and is not a folder", hint="choose another name=") from None
-            if any(folder.iterdir()) and not overwrite:
-                raise OutputExistsError(
-                    f"{folder} already holds samples; they are kept",
-                    hint="choose another name=, leave name unset for a fresh timestamped folder, or pass "
-                         "overwrite=true to replace its files") from None
+            check_output_name(root, name, overwrite=overwrite)   # filled meanwhile by another process?
         return folder
     base = default_name(task, seeds)
     for n in range(1, 10_000):
