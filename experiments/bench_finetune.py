@@ -32,11 +32,17 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "experiments" / "results"
 
 
+# --preset small: the test suite's fast set-up (8 clips of 1 s at 32 px, a 2-block width-64 model, batch 4)
+SMALL = ["data.num_clips=8", "data.size=32", "data.seconds=1.0", "data.val_fraction=0.25", "model.hidden_size=64",
+         "model.depth=2", "model.num_heads=2", "vram.micro_batch_size=4", "batch_size=4"]
+PRESET: list[str] = ["experiment=demo"]
+
+
 def train(root: Path, name: str, *overrides: str) -> tuple[Path, float]:
     run_dir = root / name
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOINTDIT_")} | {"JOINTDIT_ROOT": str(root)}
     start = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "jointdit.train", "experiment=demo", f"hydra.run.dir={run_dir}",
+    res = subprocess.run([sys.executable, "-m", "jointdit.train", *PRESET, f"hydra.run.dir={run_dir}",
                           f"task_name={name}", "sample_every=-1", *overrides], cwd=REPO, env=env, capture_output=True,
                          text=True)
     if res.returncode != 0:
@@ -72,11 +78,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--root", default=None, help="work folder (default: a temporary one)")
+    ap.add_argument("--preset", choices=("demo", "small"), default="demo")
     a = ap.parse_args()
+    global PRESET
+    PRESET = ["experiment=demo"] if a.preset == "demo" else SMALL
     root = Path(a.root) if a.root else Path(tempfile.mkdtemp(prefix="bench_finetune_"))
     common = [f"max_steps={a.steps}", "checkpoint.every=1000", "log_every=5", "optim.warmup_steps=2", "optim.lr=1e-3",
-              "objective.tasks={v2a: 1.0}"]
-    base_dir, _ = train(root, "base", f"max_steps={a.base_steps}", "objective.tasks={joint: 1.0}")
+              "~objective.tasks", "+objective.tasks={v2a: 1.0}"]
+    base_dir, _ = train(root, "base", f"max_steps={a.base_steps}", "~objective.tasks", "+objective.tasks={joint: 1.0}")
     base = base_dir / "export" / "last"
     recipes = {
         "full": ["stage=a", f"stage.init_from={base}"],
@@ -106,9 +115,10 @@ def main() -> None:
     lines = [
         "# Fine-tuning recipes: LoRA vs Stage B vs full",
         "",
-        f"Command: `.venv/bin/python experiments/bench_finetune.py --base-steps {a.base_steps} --steps {a.steps} "
-        f"--rank {a.rank}` (host: {platform.machine()}, {os.cpu_count()} cores, CPU fp32, tiny model of "
-        "`experiment=demo`, batch 8). Base: "
+        f"Command: `.venv/bin/python experiments/bench_finetune.py --preset {a.preset} --base-steps {a.base_steps} "
+        f"--steps {a.steps} --rank {a.rank}` (host: {platform.machine()}, {os.cpu_count()} cores, CPU fp32, "
+        + ("tiny model of `experiment=demo`, batch 8" if a.preset == "demo" else
+           "`--preset small`: a 2-block width-64 model, 8 clips of 1 s at 32 px, batch 4") + "). Base: "
         f"{a.base_steps} steps of joint generation; each recipe then fine-tunes it for {a.steps} steps on v2a "
         "(video → audio, `objective.tasks={v2a: 1.0}`), same lr 1e-3 and seed.",
         "",

@@ -270,6 +270,14 @@ def adapter_size_bytes(folder: str | os.PathLike) -> int:
     return (Path(folder) / ADAPTER_WEIGHTS).stat().st_size
 
 
+def export_size_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of weights an export adds on disk: the adapter file of a LoRA export, else every safetensors file."""
+    folder = Path(folder)
+    if is_adapter_folder(folder):
+        return adapter_size_bytes(folder)
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
 # --------------------------------------------------------------------------------------------------
 # Inference side: base + adapters, scaled, optionally merged
 # --------------------------------------------------------------------------------------------------

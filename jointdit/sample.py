@@ -142,7 +142,8 @@ def _load_clip(clip: Any, meta: dict, model, device: torch.device):
 
 def load_session(checkpoint: str | Path, *, device: str | torch.device | None = None, vram: Mapping | None = None,
                  codec: Mapping | tuple | None = None, clip: Any = None, kv_downsample: int | None = None,
-                 spec: Any = None, cache_dir: str | Path | None = None) -> Session:
+                 spec: Any = None, cache_dir: str | Path | None = None, adapters: Any = None,
+                 merge_adapters: bool = False) -> Session:
     """Load an exported model folder (``config.json`` + weights + ``jointdit.json``) or a training
     checkpoint for sampling.
 
@@ -155,6 +156,9 @@ def load_session(checkpoint: str | Path, *, device: str | torch.device | None = 
                    else ``vram.kv_downsample``, else 1
     spec           the clip to sample: ``{seconds, fps, size}``; None: the export's
     cache_dir      the latent-cache root (``paths.cache_dir``), for ``reference=<cached clip id>``
+    adapters       LoRA adapter folders to add, each ``path``, ``"path:scale"`` or ``{path, scale}``
+                   (:func:`jointdit.lora.parse_adapters`); a ``checkpoint`` that is itself an adapter folder
+                   loads its base with it merged. merge_adapters: fold them into the weights
     """
     from jointdit import checkpoints
     from jointdit.codecs import build_codecs
@@ -163,7 +167,12 @@ def load_session(checkpoint: str | Path, *, device: str | torch.device | None = 
     ckpt = Path(checkpoint).expanduser()
     device = resolve_device(device)
     vram = _plain(vram) or {}
-    model = checkpoints.load_model(ckpt).to(device).eval()
+    model = checkpoints.load_model(ckpt)
+    if adapters:
+        from jointdit import lora
+
+        model = lora.apply_adapters(model, lora.parse_adapters(adapters), merge=bool(merge_adapters))
+    model = model.to(device).eval()
     meta = checkpoints.load_export_meta(ckpt)
     if isinstance(codec, tuple):
         video_codec, audio_codec = codec
@@ -642,7 +651,8 @@ def sample_to_files(cfg: DictConfig | Mapping) -> SampleResult:
     paths = cfg.get("paths") or {}
     session = load_session(str(cfg.checkpoint), device=cfg.get("device"), vram=cfg.get("vram"), codec=cfg.get("codec"),
                            clip=cfg.get("clip"), kv_downsample=cfg.get("kv_downsample"),
-                           spec=cfg.get("manual_shapes"), cache_dir=paths.get("cache_dir"))
+                           spec=cfg.get("manual_shapes"), cache_dir=paths.get("cache_dir"),
+                           adapters=cfg.get("adapters"), merge_adapters=bool(cfg.get("merge_adapters", False)))
     tracker = Tracker(cfg.get("logger"), run_name=job_run_name(str(cfg.get("task_name", "sample"))))
     if isinstance(cfg, DictConfig):
         tracker.log_params(flatten(cfg))

@@ -33,8 +33,9 @@ from jointdit.errors import ConfigError, DataError, describe
 
 def training_tasks() -> tuple[str, ...]:
     from jointdit.diffusion.flow import TASKS
+    from jointdit.diffusion.masks import MASK_TASKS
 
-    return tuple(TASKS)
+    return tuple(TASKS) + MASK_TASKS
 _MISSING = object()
 _RUN_ID = re.compile(r"^(?:runs:/)?[0-9a-f]{32}/?$")  # an MLflow run id may name a model too
 

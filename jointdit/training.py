@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from jointdit import checkpoints as ckpt
+from jointdit import lora
+from jointdit.diffusion import masks
 from jointdit.memory import KNOB_FIELDS
 from jointdit.latents import EXPORT_FORMAT, LatentSpec, spec_for_config
 from jointdit.diffusion.flow import flow_loss, make_flow_batch, sample_tasks
@@ -153,8 +155,15 @@ def condition_from_batch(batch: dict[str, Any], drop_text: float, drop_image: fl
     )
 
 
-def make_optimizer(model: torch.nn.Module, cfg: DictConfig) -> tuple[torch.optim.Optimizer, dict[str, int]]:
-    """Freeze everything, then unfreeze the stage's glob-selected groups, each with its own lr."""
+def make_optimizer(model: torch.nn.Module, cfg: DictConfig, lora_base: Path | None = None,
+                   ) -> tuple[torch.optim.Optimizer, dict[str, int]]:
+    """Freeze everything, then unfreeze the stage's glob-selected groups, each with its own lr — or, with
+    ``stage.lora.rank > 0``, add LoRA adapters (naming ``lora_base``) and train only them. ``vram.optimizer``."""
+    from jointdit import lora, optimizers
+
+    if lora.lora_enabled(cfg.stage.get("lora")):
+        param_groups, counts = lora.training_groups(model, cfg.stage.lora, lora_base)
+        return optimizers.from_config(cfg, param_groups), counts
     groups = {name: list(group.patterns) for name, group in cfg.stage.trainable.items()}
     selected = ckpt.select_parameters(model, groups)
     for param in model.parameters():
@@ -166,8 +175,7 @@ def make_optimizer(model: torch.nn.Module, cfg: DictConfig) -> tuple[torch.optim
         counts[name] = sum(p.numel() for _, p in params)
         param_groups.append({"params": [p for _, p in params], "lr": float(cfg.stage.trainable[name].lr), "name": name})
     counts["frozen"] = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    optimizer = torch.optim.AdamW(param_groups, betas=tuple(cfg.optim.betas), weight_decay=float(cfg.optim.weight_decay))
-    return optimizer, counts
+    return optimizers.from_config(cfg, param_groups), counts
 
 
 def make_lr_scheduler(optimizer, cfg: DictConfig):
@@ -328,7 +336,11 @@ def build(cfg: DictConfig, accelerator, tracker: Tracker, plan: dict[str, Any]) 
     model.set_memory_knobs(q_chunk_v=int(cfg.vram.q_chunk_v), q_chunk_a=int(cfg.vram.q_chunk_a),
                            kv_downsample=int(cfg.vram.kv_downsample),
                            gradient_checkpointing=bool(cfg.vram.gradient_checkpointing))
-    optimizer, counts = make_optimizer(model, cfg)
+    lora_base = None
+    if lora.lora_enabled(cfg.stage.get("lora")):  # the adapters' base: init_from's folder, else this model exported once
+        lora_base = lora.prepare_base(model, cfg.stage.get("init_from"), Path(cfg.paths.output_dir) / "export" / "base",
+                                      export_meta(cfg, spec, 0), accelerator.is_main_process)
+    optimizer, counts = make_optimizer(model, cfg, lora_base)
     scheduler = make_lr_scheduler(optimizer, cfg)
     ema = None
     if cfg.ema.enabled:
@@ -352,7 +364,9 @@ def log_setup(run: Run) -> None:
     tracker.log_params({f"trainable.{k}": v for k, v in run.counts.items()})
     tracker.log_params({f"memory.chosen.{k}": cfg.vram[k] for k in KNOB_FIELDS})
     tracker.log_metrics({"memory_estimated_peak_mb": run.plan["estimate_bytes"] / 2**20,
-                         "memory_budget_mb": run.plan["budget_bytes"] / 2**20}, 0)
+                         "memory_budget_mb": run.plan["budget_bytes"] / 2**20,
+                         "trainable_params": sum(v for k, v in run.counts.items() if k != "frozen"),
+                         "memory_planned_peak_mb": planned_peak(run) / 2**20}, 0)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     resolved = run.output_dir / "config_resolved.yaml"
     resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -384,12 +398,25 @@ def train_step(run: Run, batch: dict[str, Any], micro: int) -> dict[str, torch.T
         generator = step_generator(int(cfg.seed), run.step * accelerator.gradient_accumulation_steps + micro, run.rank,
                                    device)
         video, audio = batch["video"].to(device), batch["audio"].to(device)  # [B,T,C,h,w], [B,C,L,F]
-        tasks = sample_tasks(OmegaConf.to_container(objective.tasks), video.shape[0], generator).to(device)
-        flow = make_flow_batch(video, audio, tasks, objective.logit_normal_mean, objective.logit_normal_std, generator)
-        cond = condition_from_batch(batch, float(objective.drop_text), float(objective.drop_image), generator, device)
-        pred_v, pred_a = run.model(flow.video, flow.audio, flow.t_video, flow.t_audio, cond, "full",
-                                   **latent_times(run.spec))
-        losses = flow_loss(pred_v, pred_a, flow, float(objective.loss_weight_video), float(objective.loss_weight_audio))
+        task_probs = OmegaConf.to_container(objective.tasks)
+        if masks.uses_masks(task_probs):  # extension / inpainting / single-modality modes (diffusion/masks.py)
+            config = run.raw_model.config
+            flow = masks.training_batch(video, audio, task_probs,
+                                        masks.Geometry.from_spec(run.spec, config.video_patch_size, config.audio_patch_size),
+                                        params=masks.MaskParams.from_config(objective.get("masks")),
+                                        mean=objective.logit_normal_mean, std=objective.logit_normal_std, generator=generator)
+            cond = condition_from_batch(batch, float(objective.drop_text), float(objective.drop_image), generator, device)
+            pred_v, pred_a = run.model(flow.video, flow.audio, flow.t_video, flow.t_audio, cond, flow.attention,
+                                       **latent_times(run.spec))
+            losses = masks.masked_flow_loss(pred_v, pred_a, flow, float(objective.loss_weight_video),
+                                            float(objective.loss_weight_audio))
+        else:
+            tasks = sample_tasks(task_probs, video.shape[0], generator).to(device)
+            flow = make_flow_batch(video, audio, tasks, objective.logit_normal_mean, objective.logit_normal_std, generator)
+            cond = condition_from_batch(batch, float(objective.drop_text), float(objective.drop_image), generator, device)
+            pred_v, pred_a = run.model(flow.video, flow.audio, flow.t_video, flow.t_audio, cond, "full",
+                                       **latent_times(run.spec))
+            losses = flow_loss(pred_v, pred_a, flow, float(objective.loss_weight_video), float(objective.loss_weight_audio))
         accelerator.backward(losses["loss"])
         if accelerator.sync_gradients and float(cfg.optim.grad_clip) > 0:
             run.grad_norm = float(accelerator.clip_grad_norm_(run.model.parameters(), float(cfg.optim.grad_clip)))
@@ -552,6 +579,7 @@ def finish(run: Run) -> dict[str, float]:
     if accelerator.is_main_process:
         if cfg.checkpoint.export or int(cfg.sample_every) >= 0:
             folder = export(run.raw_model, run.ema, run.output_dir / "export" / "last", cfg, run.spec, run.step)
+            run.tracker.log_metrics({"export_size_mb": lora.export_size_bytes(folder) / 2**20}, run.step)
             if cfg.logger.get("log_model"):
                 log_model(run.tracker, folder, cfg.logger.get("register_model"))
             if int(cfg.sample_every) >= 0:
@@ -618,9 +646,20 @@ def export_meta(cfg: DictConfig, spec: LatentSpec, step: int) -> dict[str, Any]:
             "data": OmegaConf.to_container(cfg.data, resolve=True)}
 
 
+def planned_peak(run: Run) -> int:
+    """The planner's full estimate for this run (jointdit.memory_terms: stage, optimizer, foreach, preview)."""
+    from jointdit.memory_terms import estimate_for_run
+
+    return estimate_for_run(run.cfg, run.spec.video_shape, run.spec.audio_shape, dict(run.raw_model.config),
+                            run.device.type).total
+
+
 def export(model, ema, folder: Path, cfg: DictConfig, spec: LatentSpec, step: int) -> Path:
-    """The model folder for sampling (EMA weights when EMA is on) plus ``jointdit.json`` (:func:`export_meta`)."""
+    """The model folder for sampling (EMA weights when EMA is on) plus ``jointdit.json`` (:func:`export_meta`);
+    a LoRA run exports its adapter in PEFT's format instead, naming its base model."""
     meta = export_meta(cfg, spec, step)
+    if lora.has_lora(model):
+        return lora.export_adapter(model, ema, folder, None, meta)
     trainable = [p for p in model.parameters() if p.requires_grad]
     if ema is not None:
         ema.store(trainable)

@@ -51,12 +51,12 @@ def inputs(seed: int = 1):
     return z_v, z_a, torch.tensor([0.3, 0.7]), torch.tensor([0.5, 0.2])
 
 
-def randomise_adapters(model: nn.Module, seed: int = 3) -> None:
+def randomise_adapters(model: nn.Module, seed: int = 3, std: float = 0.1) -> None:
     """LoRA B starts at zero (no change); fill A and B so that the adapter does something."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in lora.lora_parameters(model):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 def lora_cfg(**extra):
@@ -256,3 +256,98 @@ def test_checkpoints_load_model_takes_an_adapter_folder(tmp_path):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="names no base model"):
         lora.load_with_adapters(lora.save_adapter(model, tmp_path / "orphan", None))
+
+
+def test_jointdit_sample_loads_base_plus_scaled_adapters_or_merges(tmp_path):
+    """load_session(base, adapters=[…:0.5]) and its merged twin sample the same latents; the adapter
+    folder itself (exported with jointdit.json) is a checkpoint= of its own (scale 1)."""
+    import importlib.util
+    from pathlib import Path
+
+    from jointdit.checkpoints import export_model
+    from jointdit.sample import SampleRequest, generate, load_session
+
+    spec = importlib.util.spec_from_file_location("fx", Path(__file__).parent / "diffusion" / "conftest.py")
+    fx = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fx)
+    torch.manual_seed(0)
+    model = fx.tiny_model()
+    fx._train(model, steps=10)  # adaLN gates leave zero, so the attention adapters matter
+    meta = {"step": 10, "stage": "a", "codec": fx.CODEC,
+            "latent": {"video_shape": list(fx.VIDEO_SHAPE), "audio_shape": list(fx.AUDIO_SHAPE)},
+            "data": {"fps": fx.FPS, "size": fx.SIZE, "seconds": fx.SECONDS, "sample_rate": fx.SR}}
+    base = export_model(model.eval(), tmp_path / "base", meta)
+    tuned = copy.deepcopy(model)
+    lora.add_lora(tuned, lora.groups_from_config({"rank": 2, "targets": ["video_attn", "audio_attn", "video_ff"]}))
+    randomise_adapters(tuned, std=1.0)
+    adapter = lora.export_adapter(tuned, None, tmp_path / "adapter", base, meta)
+
+    def latents(checkpoint, **kw):
+        session = load_session(checkpoint, device="cpu", **kw)
+        sample = generate(session, SampleRequest(task="joint", steps=2, seeds=[0], guidance="none")).samples[0]
+        return sample.z_video, sample.z_audio
+
+    plain = latents(base)
+    half = latents(base, adapters=[f"{adapter}:0.5"])
+    half_merged = latents(base, adapters=[{"path": str(adapter), "scale": 0.5}], merge_adapters=True)
+    full = latents(adapter)
+    full_on_base = latents(base, adapters=[str(adapter)])
+    for a, b in zip(half, half_merged):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for a, b in zip(full, full_on_base):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    change = lambda a, b: (a - b).abs().max().item()  # noqa: E731
+    assert change(plain[0], half[0]) > 1e-3 and change(half[0], full[0]) > 1e-3
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end through python -m jointdit.train
+# --------------------------------------------------------------------------------------------------
+SMALL = ["data.num_clips=8", "data.size=32", "data.seconds=1.0", "data.val_fraction=0.25", "model.hidden_size=64",
+         "model.depth=2", "model.num_heads=2", "vram.micro_batch_size=2", "batch_size=2", "optim.warmup_steps=1",
+         "optim.schedule=constant", "log_every=1", "sample_every=-1"]
+
+
+def _train(tmp_path, run_dir, *overrides):
+    from helpers import run_module
+
+    result = run_module("jointdit.train", *SMALL, f"hydra.run.dir={run_dir}", *overrides,
+                        env={"JOINTDIT_ROOT": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_lora_run_trains_adapters_only_resumes_exactly_and_exports_peft(tmp_path):
+    from peft import PeftModel
+
+    from jointdit import checkpoints
+
+    base_run = _train(tmp_path, tmp_path / "a", "max_steps=3", "logger=none", "ema.enabled=false")
+    base = base_run / "export" / "last"
+    common = ["stage=lora", f"stage.init_from={base}", "stage.lora.rank=4", "stage.lora.targets=[video_attn,audio_ff]",
+              "checkpoint.every=3", "logger=none", "vram.optimizer=adafactor"]
+    straight = _train(tmp_path, tmp_path / "straight", *common, "max_steps=6")
+    # the export is a PEFT adapter naming the base; base weights in the last checkpoint are bit-identical
+    export = straight / "export" / "last"
+    assert lora.is_adapter_folder(export) and lora.base_reference(export) == base.resolve()
+    base_weights = load_file(str(base / "diffusion_pytorch_model.safetensors"))
+    state = load_file(str(straight / "checkpoints" / "step_000006" / "model.safetensors"))
+    for key, value in base_weights.items():
+        stored = state.get(key, state.get(key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")))
+        assert torch.equal(stored, value), key
+    assert any(".lora_B." in k and state[k].abs().sum() > 0 for k in state)  # the adapters did train
+    # resume: 3 steps, then 3 more from the checkpoint, replay the straight run's losses
+    resumed = _train(tmp_path, tmp_path / "resumed", *common, "max_steps=3")
+    _train(tmp_path, resumed, *common, "max_steps=6", "checkpoint.resume=auto")
+    losses = lambda d: [h["loss"] for h in json.loads((d / "metrics.json").read_text())["history"]]  # noqa: E731
+    assert len(losses(resumed)) == 6 and losses(resumed) == pytest.approx(losses(straight), rel=1e-6, abs=1e-7)
+    # peft's own PeftModel on the base gives the sampler's (merged) model
+    merged = checkpoints.load_model(export).eval()
+    peft_model = PeftModel.from_pretrained(checkpoints.load_model(base), str(export)).eval()
+    spec = json.loads((export / "jointdit.json").read_text())["spec"]
+    z_v, z_a = torch.randn(1, *spec["video_shape"]), torch.randn(1, *spec["audio_shape"])
+    with torch.no_grad():
+        for a, b in zip(merged(z_v, z_a, torch.tensor([0.5]), torch.tensor([0.5])),
+                        peft_model(z_v, z_a, torch.tensor([0.5]), torch.tensor([0.5]))):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

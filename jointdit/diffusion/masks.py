@@ -351,15 +351,17 @@ class MaskedFlowBatch:
 
 
 def make_masked_flow_batch(video: Tensor, audio: Tensor, mask: ConditionMask, mean: float = 0.0, std: float = 1.0,
-                           generator: torch.Generator | None = None, attention: str | Sequence[str] = "full") -> MaskedFlowBatch:
-    """Noise clean latents under ``mask``: logit-normal t per sample and modality, then t = 0 on given
-    latents and t = 1 on an absent stream, ``x_t = (1 − t)·x0 + t·ε`` per element.
+                           generator: torch.Generator | None = None, attention: str | Sequence[str] = "full", *,
+                           shift_video: float = 1.0, shift_audio: float = 1.0) -> MaskedFlowBatch:
+    """Noise clean latents under ``mask``: ``t_m = sigmoid(N(mean + ln shift_m, std))`` per sample and
+    modality, then t = 0 on given latents and t = 1 on an absent stream, ``x_t = (1 − t)·x0 + t·ε`` per element.
 
-    Draw order (video t, audio t, video noise, audio noise) matches ``flow.make_flow_batch``.
+    Draw order (video t, audio t, video noise, audio noise) matches ``flow.make_flow_batch``. ``attention``:
+    the requested mode(s) (e.g. iso modes drawn by the objective), further restricted by t2v / t2a.
     """
     b = video.shape[0]
-    t_v = sample_t(b, mean, std, generator)            # [B]
-    t_a = sample_t(b, mean, std, generator)            # [B]
+    t_v = sample_t(b, mean + math.log(shift_video), std, generator)   # [B]
+    t_a = sample_t(b, mean + math.log(shift_audio), std, generator)   # [B]
     noise_v = torch.randn(video.shape, generator=generator, device=video.device, dtype=video.dtype)
     noise_a = torch.randn(audio.shape, generator=generator, device=audio.device, dtype=audio.dtype)
     mask = mask.to(video.device)
@@ -413,14 +415,18 @@ class RestrictedModes(torch.nn.Module):
         super().__init__()
         self.model, self.mask = model, mask
 
+    @property
+    def config(self):
+        return self.model.config
+
     def forward(self, z_video: Tensor, z_audio: Tensor, t_video: Tensor, t_audio: Tensor, cond=None,
-                mode: str | Sequence[str] = "full") -> tuple[Tensor, Tensor]:
+                mode: str | Sequence[str] = "full", **kwargs) -> tuple[Tensor, Tensor]:
         rows, b = z_video.shape[0], self.mask.batch_size
         requested = [mode] * rows if isinstance(mode, str) else list(mode)
         allowed = []
         for start in range(0, rows, b):
             allowed += self.mask.attention_modes(requested[start:start + b])
-        return self.model(z_video, z_audio, t_video, t_audio, cond, allowed)
+        return self.model(z_video, z_audio, t_video, t_audio, cond, allowed, **kwargs)
 
 
 def expand_mask(mask: ConditionMask, batch: int) -> ConditionMask:
@@ -438,6 +444,7 @@ def expand_mask(mask: ConditionMask, batch: int) -> ConditionMask:
 def sample_masked(model: torch.nn.Module, noise_video: Tensor, noise_audio: Tensor, mask: ConditionMask, *,
                   steps: int, given_video: Tensor | None = None, given_audio: Tensor | None = None, guidance=None,
                   cond=None, neg_cond=None, shift_video: float = 1.0, shift_audio: float = 1.0,
+                  video_times: Tensor | None = None, audio_times: Tensor | None = None,
                   callback=None) -> tuple[Tensor, Tensor]:
     """Euler integration of the guided flow ODE from t = 1 to 0 with the mask's given latents held.
 
@@ -446,7 +453,8 @@ def sample_masked(model: torch.nn.Module, noise_video: Tensor, noise_audio: Tens
     Euler update ``x ← x + (σ_{i+1} − σ_i)·v̂`` on present streams, then :meth:`ConditionMask.hold` puts the
     condition back — so given latents equal the condition exactly at every step and at the end.
     noise [B, ...]; given_video [1|B, Tv, Cv, hv, wv], given_audio [1|B, Ca, La, Fa] (needed where the
-    mask gives latents of that stream). Returns fp32 ``(z_video, z_audio)``.
+    mask gives latents of that stream); video_times [Tv] / audio_times [La]: latent centre times for the
+    model's RoPE (the LatentSpec's). Returns fp32 ``(z_video, z_audio)``.
     """
     from jointdit.diffusion.guidance import JointCFG
     from jointdit.diffusion.sampler import make_scheduler
@@ -463,14 +471,17 @@ def sample_masked(model: torch.nn.Module, noise_video: Tensor, noise_audio: Tens
     ga = None if given_audio is None else given_audio.to(device, dtype).expand(b, *noise_audio.shape[1:])
     x_v, x_a = mask.hold(noise_video.to(device, dtype), noise_audio.to(device, dtype), gv, ga)
     guidance = guidance or JointCFG()
+    cond = None if cond is None else cond.to(device=device)
+    neg_cond = None if neg_cond is None else neg_cond.to(device=device)
     net = RestrictedModes(model, mask)
     sched_v, sched_a = make_scheduler(steps, shift_video, device), make_scheduler(steps, shift_audio, device)
     video_on, audio_on = bool(mask.video_present.any()), bool(mask.audio_present.any())
+    times = {k: v.to(device) for k, v in (("video_times", video_times), ("audio_times", audio_times)) if v is not None}
     for i in range(int(steps)):
         sig_v = torch.full((b,), float(sched_v.sigmas[i]), device=device)
         sig_a = torch.full((b,), float(sched_a.sigmas[i]), device=device)
         t_v, t_a = mask.timesteps(sig_v, sig_a)
-        pred_v, pred_a = guidance(net, x_v, x_a, t_v, t_a, cond, neg_cond)
+        pred_v, pred_a = guidance(net, x_v, x_a, t_v, t_a, cond, neg_cond, **times)
         if video_on:
             x_v = sched_v.step(pred_v, sched_v.timesteps[i], x_v, return_dict=False)[0]
         if audio_on:
@@ -485,11 +496,22 @@ def sample_masked(model: torch.nn.Module, noise_video: Tensor, noise_audio: Tens
     return x_v.float(), x_a.float()
 
 
+def uses_masks(probabilities: Mapping[str, float]) -> bool:
+    """Whether ``objective.tasks`` gives weight to a mode beyond flow.py's joint/a2v/v2a/i2sv."""
+    return any(float(p) > 0 for name, p in probabilities.items() if name in MASK_TASKS)
+
+
 def training_batch(video: Tensor, audio: Tensor, probabilities: Mapping[str, float], geometry: Geometry, *,
                    params: MaskParams = MaskParams(), mean: float = 0.0, std: float = 1.0,
-                   generator: torch.Generator | None = None, attention: str | Sequence[str] = "full") -> MaskedFlowBatch:
+                   generator: torch.Generator | None = None, attention: str | Sequence[str] = "full",
+                   shift_video: float = 1.0, shift_audio: float = 1.0) -> MaskedFlowBatch:
     """What the trainer calls per micro-batch: draw each sample's mode (``objective.tasks``), its mask
     (``objective.masks``), then noise under it (:func:`make_masked_flow_batch`). All draws from ``generator``."""
     modes = sample_modes(probabilities, video.shape[0], generator)
     mask = training_mask(modes, geometry, params, generator)
-    return make_masked_flow_batch(video, audio, mask, mean, std, generator, attention)
+    return make_masked_flow_batch(video, audio, mask, mean, std, generator, attention, shift_video=shift_video,
+                                  shift_audio=shift_audio)
+
+
+# modes beyond flow.py's joint / a2v / v2a / i2sv: training draws them through :func:`training_batch`
+MASK_TASKS: tuple[str, ...] = ("extend_v", "extend_a", "inpaint_v", "inpaint_a", "t2v", "t2a")
