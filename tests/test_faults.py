@@ -93,8 +93,8 @@ def test_schema_names_every_bad_value_with_a_valid_one(compose_cfg):
 
 
 def test_schema_refuses_unknown_tasks_and_probabilities_not_summing_to_one(compose_cfg):
-    message = _invalid(compose_cfg, "+objective.tasks.t2v=0.1")
-    assert "objective.tasks.t2v" in message and "unknown training task(s) ['t2v']" in message
+    message = _invalid(compose_cfg, "+objective.tasks.outpaint_v=0.1")  # (t2v is a task: diffusion/masks.py)
+    assert "objective.tasks.outpaint_v" in message and "unknown training task(s) ['outpaint_v']" in message
     message = _invalid(compose_cfg, "objective.tasks.joint=1.0")
     assert "sum to 1.45, not 1" in message
     from jointdit.schema import validate
