@@ -128,6 +128,16 @@ class Studio:
         """Ask the running job to stop before its next sampling step (it then reports "Cancelled")."""
         self.cancel_flag.set()
 
+    def held_out_preview(self, clip_id: str | None):
+        """The held-out clip's stored first frame as pixels (no server path is handed to the page)."""
+        from PIL import Image
+
+        path = self.backend.held_out_frame(clip_id) if clip_id else None
+        if path is None:
+            return None
+        with Image.open(path) as im:
+            return im.convert("RGB").copy()
+
     def upload_note(self, check, path) -> str:
         """The status line for a fresh upload: empty when it passes ``check``, else the refusal."""
         if not path:
@@ -324,8 +334,8 @@ class Studio:
                                                      value=None, label="…or a held-out clip's first frame",
                                                      elem_id="i2sv-reference")
                     preview = gr.Image(label="held-out frame", interactive=False, height=140, elem_id="i2sv-preview")
-            parts["reference"].change(lambda cid: str(self.backend.held_out_frame(cid)) if cid else None,
-                                      parts["reference"], preview, queue=False, show_progress="hidden")
+            parts["reference"].change(self.held_out_preview, parts["reference"], preview, queue=False,
+                                      show_progress="hidden")
         elif task == "a2v":
             parts["audio"] = gr.Audio(sources=["upload", "microphone"], type="filepath", label="Sound (WAV/FLAC/OGG or MP4)",
                                       elem_id="a2v-audio")

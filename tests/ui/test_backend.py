@@ -173,3 +173,38 @@ def test_free_port_helper_gives_a_bindable_port():
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", free_port()))
+
+
+@pytest.mark.slow
+def test_entry_point_serves_on_loopback_and_prints_the_url(ui_root, model_folder):
+    """``python -m jointdit.ui checkpoint=…`` as a user runs it: prints the URL, serves the page, stops on Ctrl-C."""
+    import os
+    import signal
+    import subprocess
+    import urllib.request
+
+    from helpers import PYTHON, REPO
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOINTDIT_")} | {"GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.Popen([PYTHON, "-m", "jointdit.ui", f"paths.root_dir={ui_root}", f"checkpoint={model_folder}",
+                             f"port={port}", f"out_dir={ui_root / 'ui_entry'}"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url, lines = None, []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("jointdit ui: serving"):
+                url = line.rsplit(" at ", 1)[1].strip()
+                break
+        assert url == f"http://127.0.0.1:{port}/", "".join(lines[-30:])
+        with urllib.request.urlopen(url, timeout=30) as r:
+            assert r.status == 200 and b"jointdit studio" in r.read()
+        assert "WARNING" not in "".join(lines)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -182,6 +182,8 @@ def test_model_picker_lists_runs_and_mlflow_models_and_switches(page, app, ui_ro
     _open_tab(page, "i2sv")
     page.locator("#i2sv-reference input").click()
     assert page.locator("#i2sv-reference [data-testid=dropdown-option]").count() == 2  # the 2 held-out clips
+    page.locator("#i2sv-reference [data-testid=dropdown-option]").first.click()
+    page.locator("#i2sv-preview img").wait_for()                                      # its first frame
 
 
 def test_memory_estimate_follows_the_knobs(page, app):
