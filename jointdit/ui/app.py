@@ -7,7 +7,7 @@ Layout::
     ┌ tabs: text → video+sound | image → sounding video | audio → video | video → audio ┐  ┌ guidance preset   ┐
     │ task inputs (upload / webcam / held-out frame / record)                          │  │ w_v w_a w_txt …   │
     │ Generate · Cancel                                                               │  │ steps, seed, n    │
-    │ MP4 with sound · preview PNGs (frame strip over spectrogram) · WAV/MP4 downloads │  │ VRAM knobs + live │
+    │ MP4 with sound · frame strip over spectrogram · MP4/WAV/PNG downloads           │  │ VRAM knobs + live │
     │ status line (seeds, folders, errors)                                            │  │ memory estimate   │
     └──────────────────────────────────────────────────────────────────────────────────┘  └───────────────────┘
 
@@ -190,8 +190,8 @@ class Studio:
 
         def result(status: str):
             first = outputs[0] if outputs else None
-            files = [str(p) for o in outputs for p in (o.mp4, o.wav)]
-            return (str(first.mp4) if first else None, [str(o.sync_png or o.png) for o in outputs] or None,
+            files = [str(p) for o in outputs for p in (o.mp4, o.wav, o.sync_png or o.png)]
+            return (str(first.mp4) if first else None, str(first.sync_png or first.png) if first else None,
                     files or None, status, seed)
 
         try:
@@ -364,9 +364,9 @@ class Studio:
                                   queue=False, show_progress="hidden")
         parts["result"] = gr.Video(label="Result (MP4 with sound)", interactive=False, autoplay=False,
                                   elem_id=f"video-{task}", height=240)
-        parts["gallery"] = gr.Gallery(label="Frame strip + spectrogram (solid: audio onsets, dashed: video events)", columns=1, height="auto",
-                                      elem_id=f"preview-{task}", interactive=False)
-        parts["files"] = gr.File(label="Downloads (MP4, WAV)", file_count="multiple", interactive=False,
+        parts["gallery"] = gr.Image(label="Frame strip + spectrogram (solid: audio onsets, dashed: video events)",
+                                    type="filepath", interactive=False, elem_id=f"preview-{task}")
+        parts["files"] = gr.File(label="Downloads (MP4 with sound, WAV, PNG) of every sample", file_count="multiple", interactive=False,
                                  elem_id=f"files-{task}", height=120)
         return parts
 

@@ -286,8 +286,8 @@ class Backend:
             score = float(sync_score(analysis))
             png = plot_sync(sample.frames, sample.wave, sample.sample_rate, sample.fps, analysis.onsets,
                             analysis.events, folder / "sync.png",
-                            title=f"{task} · seed {sample.seed} · {steps} steps · sync {score:.2f} "
-                                  f"({len(analysis.onsets)} onsets solid, {len(analysis.events)} video events dashed)")
+                            title=f"{task} seed {sample.seed} · sync {score:.2f} · {len(analysis.onsets)} audio onsets "
+                                  f"(solid) · {len(analysis.events)} video events (dashed)")
             return png, score
         except Exception as err:  # noqa: BLE001 - the sample stands without its sync figure
             log.warning("no sync figure for seed %s: %s", sample.seed, err)
