@@ -34,7 +34,7 @@ def mlflow_server(tmp_path):
          "--artifacts-destination", str(store / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         cwd=store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
+    deadline = time.time() + 180  # about 9 s when the machine is quiet; far more when it is not
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=1):
