@@ -49,10 +49,11 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 
 def prune(root: Path, keep: int) -> None:
-    """Keep the newest ``keep`` checkpoints (``keep <= 0`` keeps all)."""
-    if keep > 0:
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+    """Keep the newest ``keep`` checkpoints (``keep <= 0`` keeps all), never the newest good one."""
+    from jointdit.guards import checkpoint_is_good, checkpoints_to_prune
+
+    for old in checkpoints_to_prune(list_checkpoints(root), keep, checkpoint_is_good):
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def resolve_resume(resume: str | None, checkpoints_root: Path) -> Path | None:
@@ -77,8 +78,32 @@ def save_training_state(accelerator, root: Path, step: int, history: list[dict],
     """Checkpoint ``root/step_NNNNNN``: Accelerate state (model, optimizer, scheduler, RNG), the EMA weights as
     safetensors and ``trainer_state.json`` (step, loss history, model config, EMA counters) — written into a
     temp folder and renamed, so a crash never leaves a half-written checkpoint. Keeps the newest ``keep``."""
+    from jointdit import safeio
+    from jointdit.guards import require_finite
+
     final = step_dir(root, step)
     tmp = root / f".tmp_{final.name}"
+    last_good = (list_checkpoints(root) or [None])[-1]
+    require_finite(model, f"checkpoint {final}", step, last_good)  # never save NaN/Inf weights (or EMA weights)
+    if ema is not None:
+        require_finite([(f"ema.shadow.{i}", p) for i, p in enumerate(ema.shadow_params)], f"checkpoint {final}", step,
+                       last_good)
+    try:
+        _write_training_state(accelerator, tmp, final, step, history, model, ema)
+    except OSError as err:  # disk full: no temp left, the last good checkpoint untouched
+        if accelerator.is_main_process:
+            safeio.discard(tmp)
+        raise safeio.write_error(err, final) from err
+    if accelerator.is_main_process:
+        replace_dir(tmp, final)
+        prune(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _write_training_state(accelerator, tmp: Path, final: Path, step: int, history: list[dict], model, ema) -> None:
+    from jointdit import safeio
+
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -93,10 +118,7 @@ def save_training_state(accelerator, root: Path, step: int, history: list[dict],
                       str(tmp / EMA_FILE))
             state["ema"] = {"optimization_step": int(ema.optimization_step), "decay": float(ema.decay)}
         (tmp / STATE_FILE).write_text(json.dumps(state, default=str))
-        replace_dir(tmp, final)
-        prune(root, keep)
-    accelerator.wait_for_everyone()
-    return final
+        safeio.apply_umask(tmp)  # safetensors writes 0600 files
 
 
 def load_ema(ema, folder: Path, state: dict[str, Any]) -> None:
@@ -113,12 +135,21 @@ def load_ema(ema, folder: Path, state: dict[str, Any]) -> None:
 
 def export_model(model, folder: Path, meta: dict[str, Any]) -> Path:
     """``save_pretrained`` into a temp folder beside ``folder`` plus ``jointdit.json``, then rename."""
+    from jointdit import safeio
+    from jointdit.guards import require_finite
+
+    require_finite(model, f"export {folder}", meta.get("step"))  # never export NaN/Inf weights
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2, default=str))
-    replace_dir(tmp, folder)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2, default=str))
+        safeio.apply_umask(tmp)
+        replace_dir(tmp, folder)
+    except OSError as err:  # disk full: no temp left, the previous export untouched
+        safeio.discard(tmp)
+        raise safeio.write_error(err, folder) from err
     return folder
 
 
@@ -134,16 +165,18 @@ def load_model(path: str | os.PathLike):
 
     from jointdit.models import JointDiT
 
+    from jointdit.safeload import verify_checkpoint_folder, verify_model_folder
+
     path = Path(path).expanduser()
     if (path / "config.json").exists():
-        return JointDiT.from_pretrained(path)
+        return JointDiT.from_pretrained(verify_model_folder(path))  # complete, safetensors, no pickles
     from jointdit import lora
 
     if lora.is_adapter_folder(path):  # a LoRA export: its base model with the adapter merged in
         return lora.load_with_adapters(path, merge=True)
     weights = path / "model.safetensors"
     if weights.exists() and (path / STATE_FILE).exists():
-        model = JointDiT.from_config(read_state(path)["model_config"])
+        model = JointDiT.from_config(verify_checkpoint_folder(path)["model_config"])
         model.load_state_dict(load_file(str(weights)))
         return model
     raise FileNotFoundError(

@@ -51,6 +51,10 @@ class CheckpointError(JointditError, ValueError):
     """A checkpoint or model folder that is incomplete, corrupt, unsafe, or does not fit this model."""
 
 
+class CacheCorruptError(DataError):
+    """A latent-cache shard that is missing, truncated or does not match its checksum in the index."""
+
+
 class InitFromError(ConfigError):
     """``stage.init_from`` names nothing usable (or ``auto`` found no Stage A export)."""
 

@@ -148,3 +148,38 @@ def checkpoint_is_good(path: Path) -> bool:
     except CheckpointError:
         return False
     return state.get("finite", True) is not False
+
+
+def update_allowed(run, loss: torch.Tensor | float) -> bool:
+    """At an optimizer step: may its update be applied? (``run.guard`` decides; see :class:`NonFiniteGuard`.)
+
+    The decision uses the gradient norm, which is the same on every rank once DDP has reduced the
+    gradients, so all processes skip or stop together. Under fp16 the GradScaler already skips
+    overflowing gradients (routine while it finds its scale), so only the loss is judged there.
+    """
+    guard = getattr(run, "guard", None)
+    if guard is None:
+        return True
+    scaler = getattr(run.accelerator, "scaler", None)
+    grad_norm = None
+    if scaler is None:
+        grad_norm = run.grad_norm if float(run.cfg.optim.grad_clip) > 0 else total_grad_norm(run.model.parameters())
+    allowed = guard.observe(run.step + 1, loss, grad_norm)
+    if not allowed:
+        run.tracker.log_metrics({"nonfinite_skipped": guard.skipped}, run.step + 1)
+    return allowed
+
+
+def drop_update(accelerator, optimizer) -> None:
+    """Skip this optimizer step: no weight and no optimizer state changes (the LR schedule still advances)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None:  # what the scaler does itself on an overflow: back off, forget this step's unscale
+        scaler.update(new_scale=scaler.get_scale() * scaler.get_backoff_factor())
+
+
+def newest_checkpoint(root: Path) -> Path | None:
+    from jointdit.checkpoints import list_checkpoints
+
+    found = list_checkpoints(Path(root))
+    return found[-1] if found else None

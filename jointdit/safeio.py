@@ -65,13 +65,19 @@ def is_disk_full(err: BaseException) -> bool:
     return isinstance(err, OSError) and err.errno in _DISK_FULL
 
 
-def _write_error(err: OSError, path: Path) -> WriteError:
+def write_error(err: OSError, path: Path) -> WriteError:
+    """The :class:`WriteError` for an ``OSError`` met while writing ``path`` (disk full named as such)."""
     if is_disk_full(err):
         return WriteError(f"disk full while writing {path} ({os.strerror(err.errno)}); nothing was replaced and "
                           f"the temp files were removed", hint=f"free space on the disk holding {path.parent} "
                                                                f"(or point the output elsewhere) and rerun")
     return WriteError(f"cannot write {path}: {err.strerror or err}", hint="check that the folder exists and is "
                                                                         "writable by you")
+
+
+def discard(path: Path) -> None:
+    """Remove a temp file or folder, whatever is there (nothing is an error)."""
+    _remove(Path(path))
 
 
 def _remove(path: Path) -> None:
@@ -119,7 +125,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         _fsync_dir(final.parent)
     except OSError as err:
         _remove(tmp)
-        raise _write_error(err, final) from err
+        raise write_error(err, final) from err
     except BaseException:
         _remove(tmp)
         raise
@@ -155,7 +161,7 @@ def atomic_dir(path: str | os.PathLike, tmp: str | os.PathLike | None = None) ->
         replace_dir(work, final)
     except OSError as err:
         _remove(work)
-        raise _write_error(err, final) from err
+        raise write_error(err, final) from err
     except BaseException:
         _remove(work)
         raise

@@ -145,3 +145,66 @@ def verify_checkpoint_folder(path: str | os.PathLike) -> dict[str, Any]:
     check_safetensors(folder / CHECKPOINT_WEIGHTS, "the model weights")
     check_pickles(folder)
     return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Latent cache shards: a checksum per shard in the index
+# ----------------------------------------------------------------------------------------------
+
+SHARD_SHA_KEY = "shard_sha256"  # in every index row: the sha256 of the row's shard file
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def shard_problem(path: Path, expected_sha256: str | None) -> str | None:
+    """What is wrong with a cache shard (missing, truncated, checksum mismatch), or None."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except Exception as err:  # noqa: BLE001 - SafetensorError
+        return f"truncated or not a safetensors file ({str(err).splitlines()[0]})"
+    if expected_sha256 and file_sha256(path) != expected_sha256:
+        return "corrupt (its sha256 differs from the one in the index)"
+    return None
+
+
+def damaged_shards(cache_dir: Path, rows: list[dict]) -> dict[str, str]:
+    """``{shard name: problem}`` for the shards the index rows name."""
+    expected: dict[str, str | None] = {}
+    for row in rows:
+        expected.setdefault(row["shard"], row.get(SHARD_SHA_KEY))
+    found = {}
+    for name, sha in sorted(expected.items()):
+        problem = shard_problem(Path(cache_dir) / name, sha)
+        if problem:
+            found[name] = problem
+    return found
+
+
+def cache_rebuild_command(cache_dir: Path, split: str) -> str:
+    """The ``python -m jointdit.cache`` line that re-runs ``split`` of this cache (which repairs damaged shards)."""
+    try:
+        config = json.loads((Path(cache_dir) / "meta.json").read_text()).get("config", {})
+    except (OSError, ValueError):
+        config = {}
+    data, codec = config.get("data") or {}, config.get("codec") or {}
+    parts = ["python -m jointdit.cache", f"data={data.get('name', '<data>')}", f"codec={codec.get('name', '<codec>')}",
+             f"split={split}"]
+    for key, value in data.items():  # the data settings the cache was built with (meta.json must match)
+        if key != "name" and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            parts.append(f"data.{key}={value}")
+    parts.append(f"out_dir={cache_dir}")
+    return " ".join(parts)

@@ -27,11 +27,9 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _train(cfg: DictConfig) -> float | None:
-    from jointdit.resolve_init import prepare_init_from
     from jointdit.schema import validate
 
-    validate(cfg)
-    prepare_init_from(cfg)
+    validate(cfg)  # before the heavy imports; train() validates again and resolves stage.init_from
     from jointdit.launch import export_submitit_env, share_output_dir
     from jointdit.training import train
 

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from jointdit import checkpoints as ckpt
+from jointdit import guards
 from jointdit import lora
 from jointdit.diffusion import masks
 from jointdit.memory import KNOB_FIELDS
@@ -87,7 +88,9 @@ def apply_memory_plan(cfg: DictConfig) -> dict[str, Any]:
 
     from jointdit.memory import resolve_vram
 
-    plan = resolve_vram(cfg)
+    from jointdit.schema import budget_bytes
+
+    plan = resolve_vram(cfg, budget_bytes=budget_bytes(cfg))  # vram.budget_gb is honoured on vram=cpu/auto too
     plan["micro_batch_size"] = min(int(plan["micro_batch_size"]), int(cfg.batch_size))  # auto: never above the batch
     with open_dict(cfg):
         for key in KNOB_FIELDS:
@@ -275,6 +278,7 @@ class Run:
     best_val: float = math.inf
     grad_norm: float | None = None             # of the last optimizer step, when clipping is on
     eval_summary: dict[str, float] = field(default_factory=dict)  # the last AfterStep.evaluate's figures
+    guard: Any = None                          # jointdit.guards.NonFiniteGuard (train.nonfinite)
 
     @property
     def device(self) -> torch.device:
@@ -380,11 +384,23 @@ def resume(run: Run) -> None:
     folder = ckpt.resolve_resume(run.cfg.checkpoint.get("resume"), run.checkpoints_root)
     if folder is None:
         return
+    from jointdit.errors import CheckpointError
+    from jointdit.resolve_init import config_differences
+    from jointdit.safeload import verify_checkpoint_folder
+
+    state = verify_checkpoint_folder(folder)  # complete, and no pickle that would import more than plain data
+    ours = {k: v for k, v in dict(run.raw_model.config).items() if not k.startswith("_")}
+    theirs = {k: v for k, v in state.get("model_config", {}).items() if not k.startswith("_")}
+    if theirs and config_differences(theirs, ours):
+        raise CheckpointError(f"checkpoint.resume: {folder} was trained with another model: "
+                              + "; ".join(config_differences(theirs, ours, prefix="model.")),
+                              hint="resume with the model settings of that run, or start a new run (another hydra.run.dir)")
     run.accelerator.load_state(str(folder))
-    state = ckpt.read_state(folder)
     run.step, run.history = int(state["step"]), list(state["history"])
     if run.ema is not None:
         ckpt.load_ema(run.ema, folder, state)
+    best = ckpt.load_export_meta(run.output_dir / "export" / "best").get("val_loss", math.inf)  # (an older
+    run.best_val = min([h["val_loss"] for h in run.history if "val_loss" in h] + [best])  # checkpoint forgets it)
     log.info("resumed from %s at step %d", folder, run.step)
 
 
@@ -420,7 +436,10 @@ def train_step(run: Run, batch: dict[str, Any], micro: int) -> dict[str, torch.T
         accelerator.backward(losses["loss"])
         if accelerator.sync_gradients and float(cfg.optim.grad_clip) > 0:
             run.grad_norm = float(accelerator.clip_grad_norm_(run.model.parameters(), float(cfg.optim.grad_clip)))
-        run.optimizer.step()
+        if accelerator.sync_gradients and not guards.update_allowed(run, losses["loss"]):
+            guards.drop_update(accelerator, run.optimizer)  # train.nonfinite=skip: this step changes no weight
+        else:
+            run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     return losses
@@ -504,7 +523,8 @@ class AfterStep:
         if (run.accelerator.is_main_process and self.cfg.checkpoint.export and self.val is not None
                 and self.val < run.best_val):
             run.best_val = self.val
-            export(run.raw_model, run.ema, run.output_dir / "export" / "best", run.cfg, run.spec, run.step)
+            export(run.raw_model, run.ema, run.output_dir / "export" / "best", run.cfg, run.spec, run.step,
+                   extra={"val_loss": self.val})  # a resumed run reads it back: best is never overwritten by worse
 
     def preview(self, run: Run, losses: dict[str, float]) -> None:
         every = int(self.cfg.sample_every)
@@ -576,6 +596,8 @@ def finish(run: Run) -> dict[str, float]:
     if math.isfinite(run.best_val):
         final["val/loss"] = run.best_val
     final.update({f"eval/{k}": v for k, v in run.eval_summary.items()})  # optimized_metric may name one
+    if run.guard is not None:
+        final["nonfinite_skipped"] = float(run.guard.skipped)
     if accelerator.is_main_process:
         if cfg.checkpoint.export or int(cfg.sample_every) >= 0:
             folder = export(run.raw_model, run.ema, run.output_dir / "export" / "last", cfg, run.spec, run.step)
@@ -594,12 +616,28 @@ def finish(run: Run) -> dict[str, float]:
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Train for ``cfg.max_steps`` optimizer steps: plan memory, build, resume, loop, finish. Returns the final metrics."""
+    from jointdit.resolve_init import prepare_init_from
+    from jointdit.safeio import OutputLock, sweep_stale_temps
+    from jointdit.schema import validate
+
+    validate(cfg)  # every bad value refused before any work
+    init_source = prepare_init_from(cfg)  # stage.init_from=auto / run id -> a folder; none found: refused here
     plan = apply_memory_plan(cfg)  # before anything is built: a plan that cannot fit stops here
     accelerator = make_accelerator(cfg)
     tracker = open_run(cfg, accelerator.is_main_process)  # rank 0 only: named, tagged, system metrics
+    if init_source is not None:
+        tracker.set_tags(init_source.tags())
+    lock = OutputLock(Path(cfg.paths.output_dir)) if accelerator.is_main_process else None
     status = "FAILED"
     try:
+        if lock is not None:  # a second live run writing this folder is refused; then a killed writer's temps go
+            lock.acquire()
+            output_dir = Path(cfg.paths.output_dir)
+            sweep_stale_temps(output_dir, output_dir / "checkpoints", output_dir / "export", own_folder=True, log=log.info)
+        accelerator.wait_for_everyone()
         run = build(cfg, accelerator, tracker, plan)
+        run.guard = guards.NonFiniteGuard(str(cfg.train.nonfinite), int(cfg.train.max_nonfinite),
+                                          last_good=lambda: guards.newest_checkpoint(run.checkpoints_root))
         log_setup(run)
         resume(run)
         loop(run)
@@ -608,6 +646,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         return metrics
     finally:
         tracker.end(status)
+        if lock is not None:
+            lock.release()
         accelerator.free_memory()
         reset_accelerate()
 
@@ -654,10 +694,10 @@ def planned_peak(run: Run) -> int:
                             run.device.type).total
 
 
-def export(model, ema, folder: Path, cfg: DictConfig, spec: LatentSpec, step: int) -> Path:
+def export(model, ema, folder: Path, cfg: DictConfig, spec: LatentSpec, step: int, extra: dict | None = None) -> Path:
     """The model folder for sampling (EMA weights when EMA is on) plus ``jointdit.json`` (:func:`export_meta`);
     a LoRA run exports its adapter in PEFT's format instead, naming its base model."""
-    meta = export_meta(cfg, spec, step)
+    meta = {**export_meta(cfg, spec, step), **(extra or {})}
     if lora.has_lora(model):
         return lora.export_adapter(model, ema, folder, None, meta)
     trainable = [p for p in model.parameters() if p.requires_grad]

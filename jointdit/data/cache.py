@@ -41,6 +41,7 @@ import torch
 
 from jointdit.config import to_plain
 from jointdit.latents import LatentSpec, clip_widths_of, spec_for_data
+from jointdit.safeload import SHARD_SHA_KEY, damaged_shards, file_sha256
 
 INDEX_NAME = "index.jsonl"
 META_NAME = "meta.json"
@@ -209,6 +210,12 @@ def _recover(out: Path, log: Callable[[str], None]) -> list[dict]:
         keep = [r for r in rows if (out / r["shard"]).exists()]
         _write_atomic(index, b"".join(json.dumps(r).encode() + b"\n" for r in keep))
         rows = keep
+    damaged = damaged_shards(out, rows)  # truncated, or not matching its checksum in the index
+    if damaged:
+        for name, problem in damaged.items():
+            log(f"warning: shard {out / name} is {problem}; its clips will be cached again")
+        rows = [r for r in rows if r["shard"] not in damaged]
+        _write_atomic(index, b"".join(json.dumps(r).encode() + b"\n" for r in rows))
     named = {r["shard"] for r in rows}
     for shard in out.glob(SHARD_GLOB):
         if shard.name not in named:  # renamed into place, but its index rows never got written
@@ -332,6 +339,8 @@ class _ShardWriter:
                                             "ids": json.dumps([r["id"] for r in rows])})
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; shards are plain data
         _fsync_path(tmp)
+        digest = file_sha256(tmp)  # in every row of the index: a damaged shard is named, then rebuilt
+        rows = [{**row, SHARD_SHA_KEY: digest} for row in rows]
         if self.crash_after is not None and self.written >= self.crash_after:
             os._exit(1)  # test hook: the temp file is complete, the rename never happens
         os.replace(tmp, self.out / name)

@@ -146,6 +146,16 @@ class LatentDataset(Dataset):
             path = self.cache_dir / shard
             if not path.exists():
                 raise CacheMissingError(_missing_message(self.cache_dir, self.split, f"shard {path} is missing"))
+            from jointdit.safeload import SHARD_SHA_KEY, cache_rebuild_command, shard_problem
+
+            expected = next((r.get(SHARD_SHA_KEY) for r in self.rows if r["shard"] == shard), None)
+            problem = shard_problem(path, expected)  # checked once per process, before any tensor is read
+            if problem:
+                from jointdit.errors import CacheCorruptError
+
+                raise CacheCorruptError(f"cache shard {path} is {problem}",
+                                        hint=f"rebuild it: `{cache_rebuild_command(self.cache_dir, self.split)}` "
+                                             f"(a re-run re-caches just the clips of damaged shards)")
             handle = self._handles[shard] = safe_open(str(path), framework="pt", device="cpu")
         return handle
 
