@@ -59,6 +59,10 @@ class InitFromError(ConfigError):
     """``stage.init_from`` names nothing usable (or ``auto`` found no Stage A export)."""
 
 
+class InitFromMissingError(InitFromError, FileNotFoundError):
+    """``stage.init_from`` names no folder and no MLflow run."""
+
+
 class LockError(JointditError, RuntimeError):
     """Another live process is writing to the same output folder."""
 

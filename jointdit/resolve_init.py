@@ -25,7 +25,7 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
-from jointdit.errors import InitFromError
+from jointdit.errors import InitFromError, InitFromMissingError
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,7 @@ def resolve_init_from(cfg: DictConfig) -> InitSource | None:
     else:
         match = _RUN_ID.match(value)
         if match is None:
-            raise InitFromError(f"stage.init_from={value}: no such folder (neither an exported model folder nor a "
+            raise InitFromMissingError(f"stage.init_from={value}: no such folder (neither an exported model folder nor a "
                                 f"checkpoint), and not an MLflow run id",
                                 hint="give an exported model folder (<run>/export/last), a checkpoints/step_NNNNNN "
                                      "folder, an MLflow run id, or auto")
