@@ -981,6 +981,35 @@ def test_disk_full_while_checkpointing_keeps_the_last_good_checkpoint(train_cfg,
         assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
 
 
+def test_disk_full_while_caching_names_the_shard_and_keeps_what_was_cached(compose_cfg, tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from jointdit.data.cache import read_index
+    from jointdit.data.dataset import ensure_cache
+    from jointdit.safeload import damaged_shards
+
+    cfg = compose_cfg("train", [*TRAIN_SMALL, "+cache.shard_size=2"])
+    original, calls = safetensors.torch.save_file, []
+
+    def fill_disk_at_the_third_shard(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 3:
+            Path(filename).write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # injected
+        return original(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", fill_disk_at_the_third_shard)
+    with pytest.raises(WriteError, match=r"disk full while writing .*shard-00002.safetensors"):
+        ensure_cache(cfg, progress=False)
+    out = next((tmp_path / "data" / "cache").iterdir())
+    assert not list(out.glob(".tmp-*"))  # no temp left behind
+    rows = read_index(out)
+    assert len(rows) == 4 and damaged_shards(out, rows) == {}  # the two shards written before are intact
+    monkeypatch.setattr(safetensors.torch, "save_file", original)
+    ensure_cache(cfg, progress=False)  # space again: the re-run completes the cache
+    assert len(read_index(out)) == 8
+
+
 def test_vram_budget_is_honoured_on_cpu(train_cfg, tmp_path):
     from jointdit.memory import MemoryPlanError
     from jointdit.training import train

@@ -335,10 +335,16 @@ class _ShardWriter:
             flat.update({f"{row['id']}.{k}": v for k, v in tensors.items()})
             rows.append(row)
         tmp = self.out / f"{TEMP_PREFIX}{name}.{os.getpid()}"
-        save_file(flat, str(tmp), metadata={"format": "pt", "jointdit_cache": str(CACHE_FORMAT),
-                                            "ids": json.dumps([r["id"] for r in rows])})
-        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; shards are plain data
-        _fsync_path(tmp)
+        try:
+            save_file(flat, str(tmp), metadata={"format": "pt", "jointdit_cache": str(CACHE_FORMAT),
+                                                "ids": json.dumps([r["id"] for r in rows])})
+            os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; shards are plain data
+            _fsync_path(tmp)
+        except OSError as err:  # disk full: no temp left; the shards and index written so far stay valid
+            from jointdit import safeio
+
+            safeio.discard(tmp)
+            raise safeio.write_error(err, self.out / name) from err
         digest = file_sha256(tmp)  # in every row of the index: a damaged shard is named, then rebuilt
         rows = [{**row, SHARD_SHA_KEY: digest} for row in rows]
         if self.crash_after is not None and self.written >= self.crash_after:
