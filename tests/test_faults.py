@@ -839,7 +839,7 @@ def _reseal(cache_dir: Path, shard: str) -> None:
 def test_a_corrupt_cache_shard_is_named_with_the_command_that_rebuilds_just_it(train_cfg, tmp_path):
     import shlex
 
-    from jointdit.data.cache import cache_dir_for, read_index
+    from jointdit.data.cache import read_index
     from jointdit.data.dataset import LatentDataset, ensure_cache
     from jointdit.errors import CacheCorruptError
     from jointdit.safeload import SHARD_SHA_KEY, damaged_shards
