@@ -5,34 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import av
-
-from jointdit.data.media import Clip, MediaError, read_clip
+from jointdit.data.media import Clip, probe_video, read_clip
 from jointdit.errors import DataError
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
-
-
-def probe_video(path: str | os.PathLike) -> tuple[float, tuple[int, int], float]:
-    """(fps, (height, width), seconds) of a file's first video stream; seconds = frames / fps when known."""
-    path = Path(path)
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise MediaError(path, "no video stream")
-            stream = container.streams.video[0]
-            fps = float(stream.average_rate or stream.guessed_rate or 0)
-            if fps <= 0:
-                raise MediaError(path, "video stream has no frame rate")
-            if stream.frames:
-                seconds = stream.frames / fps
-            elif stream.duration is not None:
-                seconds = float(stream.duration * stream.time_base)
-            else:
-                seconds = container.duration / av.time_base
-            return fps, (stream.height, stream.width), float(seconds)
-    except (av.error.InvalidDataError, av.error.FFmpegError) as err:
-        raise MediaError(path, f"cannot be opened as media ({err})") from err
 
 
 def list_videos(folder: str | os.PathLike, recursive: bool = True) -> list[Path]:
