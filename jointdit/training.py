@@ -30,7 +30,7 @@ from jointdit import lora
 from jointdit.diffusion import masks
 from jointdit.memory import KNOB_FIELDS
 from jointdit.latents import EXPORT_FORMAT, LatentSpec, spec_for_config
-from jointdit.diffusion.flow import flow_loss, make_flow_batch, sample_tasks
+from jointdit.diffusion.flow import FlowObjective, flow_loss, make_flow_batch, sample_tasks
 from jointdit.models import Condition
 from jointdit.tracking import Tracker, log_dataset, log_model, open_run, run_params
 from jointdit.train_log import LossMeter, format_log_line
@@ -113,8 +113,10 @@ def make_accelerator(cfg: DictConfig):
     accumulation = max(1, int(cfg.batch_size) // (micro * state.num_processes))
     # Without CLIP features the condition projections get no gradient; DDP must be told.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    # The LR schedule is sized in optimizer steps and train_step steps it once per optimizer step; Accelerate's
+    # default steps it num_processes times per step (its convention for per-process-sized schedules).
     return Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation, cpu=on_cpu,
-                       kwargs_handlers=[ddp])
+                       kwargs_handlers=[ddp], step_scheduler_with_optimizer=False)
 
 
 def reset_accelerate() -> None:
@@ -224,8 +226,20 @@ def latent_times(spec: LatentSpec) -> dict[str, torch.Tensor]:
     return {"video_times": spec.video_latent_times().float(), "audio_times": spec.audio_latent_times().float()}
 
 
+def ema_validation_loss(run: "Run") -> float | None:
+    """:func:`validation_loss` of the EMA weights (what :func:`export` writes); the raw weights are restored."""
+    trainable = run.trainable()
+    run.ema.store(trainable)
+    run.ema.copy_to(trainable)
+    try:
+        return validation_loss(run.raw_model, run.val_set, run.cfg, run.device)
+    finally:
+        run.ema.restore(trainable)
+
+
 def validation_loss(model, dataset, cfg: DictConfig, device: torch.device, max_batches: int = 4) -> float | None:
-    """Joint-task loss on the validation split with fixed noise (comparable across steps)."""
+    """Joint-task loss on the validation split with fixed noise and a fixed t distribution: no timestep shift,
+    mode full (comparable across steps and across runs with other objective settings)."""
     if dataset is None or len(dataset) == 0:
         return None
     from jointdit.data.dataset import collate_latents
@@ -276,6 +290,7 @@ class Run:
     micro: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     best_val: float = math.inf
+    flow_objective: Any = None                 # diffusion.flow.FlowObjective: iso modes, timestep shifts
     grad_norm: float | None = None             # of the last optimizer step, when clipping is on
     eval_summary: dict[str, float] = field(default_factory=dict)  # the last AfterStep.evaluate's figures
     guard: Any = None                          # jointdit.guards.NonFiniteGuard (train.nonfinite)
@@ -344,6 +359,7 @@ def build(cfg: DictConfig, accelerator, tracker: Tracker, plan: dict[str, Any]) 
     if lora.lora_enabled(cfg.stage.get("lora")):  # the adapters' base: init_from's folder, else this model exported once
         lora_base = lora.prepare_base(model, cfg.stage.get("init_from"), Path(cfg.paths.output_dir) / "export" / "base",
                                       export_meta(cfg, spec, 0), accelerator.is_main_process)
+    flow_objective = FlowObjective.from_config(cfg.objective, model.config, spec)  # iso modes, timestep shifts
     optimizer, counts = make_optimizer(model, cfg, lora_base)
     scheduler = make_lr_scheduler(optimizer, cfg)
     ema = None
@@ -354,7 +370,8 @@ def build(cfg: DictConfig, accelerator, tracker: Tracker, plan: dict[str, Any]) 
         ema.to(accelerator.device)  # saved by ckpt.save_training_state as safetensors: Accelerate would pickle it
     log.info("trainable parameters per group: %s", counts)
     return Run(cfg=cfg, accelerator=accelerator, tracker=tracker, plan=plan, spec=spec, model=model, ema=ema,
-               optimizer=optimizer, scheduler=scheduler, sampler=sampler, loader=loader, val_set=val_set, counts=counts)
+               optimizer=optimizer, scheduler=scheduler, sampler=sampler, loader=loader, val_set=val_set, counts=counts,
+               flow_objective=flow_objective)
 
 
 def log_setup(run: Run) -> None:
@@ -400,7 +417,8 @@ def resume(run: Run) -> None:
     if run.ema is not None:
         ckpt.load_ema(run.ema, folder, state)
     best = ckpt.load_export_meta(run.output_dir / "export" / "best").get("val_loss", math.inf)  # (an older
-    run.best_val = min([h["val_loss"] for h in run.history if "val_loss" in h] + [best])  # checkpoint forgets it)
+    run.best_val = min([h.get("val_loss_ema", h["val_loss"]) for h in run.history if "val_loss" in h]  # checkpoint
+                       + [best])                                                                      # forgets it)
     log.info("resumed from %s at step %d", folder, run.step)
 
 
@@ -428,9 +446,9 @@ def train_step(run: Run, batch: dict[str, Any], micro: int) -> dict[str, torch.T
                                             float(objective.loss_weight_audio))
         else:
             tasks = sample_tasks(task_probs, video.shape[0], generator).to(device)
-            flow = make_flow_batch(video, audio, tasks, objective.logit_normal_mean, objective.logit_normal_std, generator)
+            flow = run.flow_objective.batch(video, audio, tasks, generator)  # shifted t, per-sample attention modes
             cond = condition_from_batch(batch, float(objective.drop_text), float(objective.drop_image), generator, device)
-            pred_v, pred_a = run.model(flow.video, flow.audio, flow.t_video, flow.t_audio, cond, "full",
+            pred_v, pred_a = run.model(flow.video, flow.audio, flow.t_video, flow.t_audio, cond, flow.modes,
                                        **latent_times(run.spec))
             losses = flow_loss(pred_v, pred_a, flow, float(objective.loss_weight_video), float(objective.loss_weight_audio))
         accelerator.backward(losses["loss"])
@@ -440,7 +458,8 @@ def train_step(run: Run, batch: dict[str, Any], micro: int) -> dict[str, torch.T
             guards.drop_update(accelerator, run.optimizer)  # train.nonfinite=skip: this step changes no weight
         else:
             run.optimizer.step()
-        run.scheduler.step()
+        if accelerator.sync_gradients:  # once per optimizer step, whatever the process count
+            run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
     return losses
 
@@ -459,6 +478,7 @@ class AfterStep:
         self.cfg = cfg
         self.max_steps = int(cfg.max_steps)
         self.val: float | None = None  # this step's validation loss, when validated
+        self.val_export: float | None = None  # ... of the weights an export writes (EMA when on)
         self.evaluator = None  # jointdit.evaluate.in_training.TrainingEvaluator, built at the first evaluation
         self._since = (time.perf_counter(), 0)  # (time, step) of the last log line, for samples/s
         self.meter = LossMeter()  # losses averaged over the steps since the last log line, and their EMA
@@ -482,7 +502,8 @@ class AfterStep:
             run.ema.step(run.trainable())
 
     def record(self, run: Run, losses: dict[str, float]) -> None:
-        run.history.append({"step": run.step, **{k: losses.get(k, float("nan")) for k in ("loss", "loss_video", "loss_audio")}})
+        run.history.append({"step": run.step, **{k: losses.get(k, float("nan")) for k in ("loss", "loss_video", "loss_audio")},
+                            "lr": run.scheduler.get_last_lr()[0]})
 
     def log(self, run: Run, losses: dict[str, float]) -> None:
         """Means since the last log line over every rank's steps (plus ``loss_ema``), to MLflow and one line
@@ -513,6 +534,11 @@ class AfterStep:
         if self.val is not None:
             run.tracker.log_metrics({"val_loss": self.val}, run.step)
             run.history[-1]["val_loss"] = self.val
+        self.val_export = self.val  # export/best is judged with the weights it exports: the EMA's when EMA is on
+        if self.val is not None and run.ema is not None:
+            self.val_export = ema_validation_loss(run)
+            run.tracker.log_metrics({"val_loss_ema": self.val_export}, run.step)
+            run.history[-1]["val_loss_ema"] = self.val_export
 
     def checkpoint(self, run: Run, losses: dict[str, float]) -> None:
         if self.due(run, int(self.cfg.checkpoint.every)):
@@ -521,10 +547,10 @@ class AfterStep:
 
     def export_best(self, run: Run, losses: dict[str, float]) -> None:
         if (run.accelerator.is_main_process and self.cfg.checkpoint.export and self.val is not None
-                and self.val < run.best_val):
-            run.best_val = self.val
+                and self.val_export < run.best_val):
+            run.best_val = self.val_export  # judged with the weights the export writes (EMA when on)
             export(run.raw_model, run.ema, run.output_dir / "export" / "best", run.cfg, run.spec, run.step,
-                   extra={"val_loss": self.val})  # a resumed run reads it back: best is never overwritten by worse
+                   extra={"val_loss": self.val_export})  # a resumed run reads it back: best is never overwritten by worse
 
     def preview(self, run: Run, losses: dict[str, float]) -> None:
         every = int(self.cfg.sample_every)
@@ -698,6 +724,7 @@ def export(model, ema, folder: Path, cfg: DictConfig, spec: LatentSpec, step: in
     """The model folder for sampling (EMA weights when EMA is on) plus ``jointdit.json`` (:func:`export_meta`);
     a LoRA run exports its adapter in PEFT's format instead, naming its base model."""
     meta = {**export_meta(cfg, spec, step), **(extra or {})}
+    meta.update(FlowObjective.from_config(cfg.objective, model.config, spec).export_meta())  # iso_prob, timestep_shift
     if lora.has_lora(model):
         return lora.export_adapter(model, ema, folder, None, meta)
     trainable = [p for p in model.parameters() if p.requires_grad]

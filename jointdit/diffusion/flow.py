@@ -28,10 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
+from jointdit.diffusion.schedule import EXPORT_KEY as SHIFT_EXPORT_KEY
+from jointdit.diffusion.schedule import ShiftRule, export_entry, token_counts
 from jointdit.models.attention import MODES  # ("full", "iso_v", "iso_a", "iso")
 
 TASKS: tuple[str, ...] = ("joint", "a2v", "v2a", "i2sv")
@@ -202,3 +205,74 @@ def flow_loss(
         chosen = torch.tensor([m == name for m in modes], device=per_sample.device)
         out[f"loss_mode_{name}"] = per_sample[chosen].mean() if chosen.any() else torch.tensor(float("nan"))
     return out
+
+
+def plain_iso_prob(iso_prob: Any) -> IsoProb:
+    """A config value (number, mapping, OmegaConf node or None) → a plain ``IsoProb``."""
+    if iso_prob is None:
+        return None
+    if hasattr(iso_prob, "items"):
+        return {str(k): float(v) for k, v in iso_prob.items()}
+    return float(iso_prob)
+
+
+@dataclass(frozen=True)
+class FlowObjective:
+    """The run-level settings of the objective: logit-normal ``(mean, std)``, attention modes, timestep
+    shifts, and the latents' centre times the model's RoPE uses.
+
+    Built once per run by :meth:`from_config`; :meth:`batch` noises a training batch, :meth:`validation_batch`
+    a validation batch with a FIXED distribution (no shift, no iso modes) so validation losses of runs
+    with different settings stay comparable; :meth:`model_kwargs` are the model's time arguments and
+    :meth:`export_meta` what ``jointdit.json`` must carry for guidance and the sampler.
+    """
+
+    mean: float = 0.0
+    std: float = 1.0
+    iso_prob: IsoProb = 0.0
+    shift_rule: ShiftRule = field(default_factory=lambda: ShiftRule(method="none"))
+    video_tokens: int = 1
+    audio_tokens: int = 1
+    video_times: torch.Tensor | None = None  # [Tv] seconds
+    audio_times: torch.Tensor | None = None  # [La] seconds
+
+    @classmethod
+    def from_config(cls, objective: Any, model_config: Mapping[str, Any], spec: Any) -> FlowObjective:
+        """``cfg.objective`` + the model's config + the training :class:`~jointdit.latents.LatentSpec`."""
+        get = objective.get if hasattr(objective, "get") else (lambda k, d=None: getattr(objective, k, d))
+        n_video, n_audio = token_counts(model_config, spec.video_shape, spec.audio_shape)
+        rule = get("timestep_shift", None)
+        return cls(mean=float(get("logit_normal_mean", 0.0)), std=float(get("logit_normal_std", 1.0)),
+                   iso_prob=plain_iso_prob(get("iso_prob", 0.0)),
+                   shift_rule=ShiftRule(method="none") if rule is None else ShiftRule.from_config(rule),
+                   video_tokens=n_video, audio_tokens=n_audio,
+                   video_times=spec.video_latent_times(), audio_times=spec.audio_latent_times())
+
+    @property
+    def shifts(self) -> tuple[float, float]:
+        """``(shift_video, shift_audio)`` at this run's token counts."""
+        return self.shift_rule(self.video_tokens), self.shift_rule(self.audio_tokens)
+
+    def batch(self, video: torch.Tensor, audio: torch.Tensor, tasks: torch.Tensor,
+              generator: torch.Generator | None) -> FlowBatch:
+        sv, sa = self.shifts
+        return make_flow_batch(video, audio, tasks, self.mean, self.std, generator, iso_prob=self.iso_prob,
+                               shift_video=sv, shift_audio=sa)
+
+    def validation_batch(self, video: torch.Tensor, audio: torch.Tensor, tasks: torch.Tensor,
+                         generator: torch.Generator | None) -> FlowBatch:
+        return make_flow_batch(video, audio, tasks, self.mean, self.std, generator)
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """``video_times`` / ``audio_times`` for the model call (empty when unknown)."""
+        out = {}
+        if self.video_times is not None:
+            out["video_times"] = self.video_times
+        if self.audio_times is not None:
+            out["audio_times"] = self.audio_times
+        return out
+
+    def export_meta(self) -> dict[str, Any]:
+        """``{"iso_prob": ..., "timestep_shift": {rule, token counts, shifts}}`` for ``jointdit.json``."""
+        return {"iso_prob": self.iso_prob, SHIFT_EXPORT_KEY: export_entry(self.shift_rule, self.video_tokens,
+                                                                           self.audio_tokens)}

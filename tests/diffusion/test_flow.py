@@ -11,6 +11,7 @@ import torch
 
 from jointdit.diffusion.flow import (
     TASKS,
+    FlowObjective,
     flow_loss,
     make_flow_batch,
     mode_probabilities,
@@ -158,3 +159,32 @@ def test_flow_loss_reports_per_mode_losses():
     assert float(out["loss_mode_iso"]) == pytest.approx(sum(per[i] for i in (1, 3, 4)) / 3, rel=1e-5)
     assert float(out["loss_mode_full"]) == pytest.approx(sum(per[i] for i in (0, 2, 5)) / 3, rel=1e-5)
     assert math.isnan(float(out["loss_mode_iso_v"]))
+
+
+def test_flow_objective_from_config_shifts_times_and_export():
+    """The run-level objective: shifts from each modality's token count, the spec's latent times for RoPE, a
+    validation batch with the fixed (unshifted, all-full) distribution, and the export entry."""
+    from types import SimpleNamespace
+
+    spec = SimpleNamespace(video_shape=(16, 48, 8, 8), audio_shape=(1, 200, 64),
+                           video_latent_times=lambda: torch.arange(16, dtype=torch.float64) / 8,
+                           audio_latent_times=lambda: torch.arange(200, dtype=torch.float64) / 100)
+    model_config = {"video_patch_size": (1, 1, 1), "audio_patch_size": (4, 16)}
+    objective = {"logit_normal_mean": 0.0, "logit_normal_std": 1.0, "iso_prob": {"iso": 0.2},
+                 "timestep_shift": {"method": "sd3", "reference_tokens": 256}}
+    obj = FlowObjective.from_config(objective, model_config, spec)
+    assert (obj.video_tokens, obj.audio_tokens) == (1024, 200)
+    assert obj.shifts == pytest.approx((2.0, math.sqrt(200 / 256)))
+    assert torch.equal(obj.model_kwargs()["video_times"], spec.video_latent_times())
+    meta = obj.export_meta()
+    assert meta["iso_prob"] == {"iso": 0.2} and meta["timestep_shift"]["shift_video"] == pytest.approx(2.0)
+    n = 2000
+    video, audio = torch.zeros(n, 1, 1, 1, 1), torch.zeros(n, 1, 1, 1)
+    tasks = torch.zeros(n, dtype=torch.long)
+    train = obj.batch(video, audio, tasks, torch.Generator().manual_seed(0))
+    assert float(torch.logit(train.t_video[:, 0].double()).mean()) == pytest.approx(math.log(2.0), abs=0.07)
+    assert 0.15 < train.modes.count("iso") / n < 0.25
+    val = obj.validation_batch(video, audio, tasks, torch.Generator().manual_seed(0))
+    assert abs(float(torch.logit(val.t_video[:, 0].double()).mean())) < 0.07 and set(val.modes) == {"full"}
+    # no timestep_shift in the config: shift 1
+    assert FlowObjective.from_config({"iso_prob": 0.0}, model_config, spec).shifts == (1.0, 1.0)
