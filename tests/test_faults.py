@@ -904,8 +904,9 @@ def test_resume_remembers_the_best_validation_loss(train_cfg, tmp_path):
     train(train_cfg("max_steps=4", "checkpoint.every=2", "optim.lr=3e-3",
                     f"checkpoint.resume={tmp_path / 'run' / 'checkpoints' / 'step_000002'}"))
     second = json.loads((tmp_path / "run" / "metrics.json").read_text())["history"]
-    vals = [(h["val_loss"], "first", h["step"]) for h in first if "val_loss" in h]
-    vals += [(h["val_loss"], "second", h["step"]) for h in second if "val_loss" in h and h["step"] > 2]
+    # best is judged with the weights it exports: the EMA's validation loss when EMA is on
+    vals = [(h.get("val_loss_ema", h["val_loss"]), "first", h["step"]) for h in first if "val_loss" in h]
+    vals += [(h.get("val_loss_ema", h["val_loss"]), "second", h["step"]) for h in second if "val_loss" in h and h["step"] > 2]
     _, run_of_best, step_of_best = min(vals)
     meta = json.loads((best / "jointdit.json").read_text())
     assert (meta["step"], meta["val_loss"]) == (step_of_best, min(vals)[0])
