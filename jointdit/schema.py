@@ -395,7 +395,7 @@ def validate_sample(cfg: DictConfig) -> None:
             check_float(p, cfg, f"guidance.{key}", example=1.0)
     for key in ("schedule.shift_video", "schedule.shift_audio"):
         if _get(cfg, key) is not _MISSING:
-            check_float(p, cfg, key, low=0, low_open=True, example=1.0)
+            check_float(p, cfg, key, low=0, low_open=True, example=1.0, optional=True)
     p.raise_if_any("sample")
 
 

@@ -149,6 +149,18 @@ def test_sample_and_cache_configs_are_validated_too(compose_cfg, tmp_path):
         validate(compose_cfg("cache", ["split=everything"]))
 
 
+def test_sample_timestep_shift_defaults_to_the_exports_rule(compose_cfg, tmp_path):
+    from jointdit.sample import request_from_cfg
+    from jointdit.schema import validate
+
+    (tmp_path / "model").mkdir()
+    cfg = compose_cfg("sample", [f"checkpoint={tmp_path / 'model'}"])
+    request = request_from_cfg(cfg)
+    assert request.shift_video is None and request.shift_audio is None  # None: the export's rule
+    with pytest.raises(ConfigError, match="schedule.shift_video"):
+        validate(compose_cfg("sample", [f"checkpoint={tmp_path / 'model'}", "schedule.shift_video=0"]))
+
+
 def test_the_default_configs_pass(compose_cfg):
     from jointdit.schema import validate
 

@@ -41,8 +41,8 @@ class SamplingPlan:
     seed: int = 0
     steps: int = 30
     guidance: Any = "jointcfg"  # a conf/guidance name or a guidance mapping (the sampler's)
-    shift_video: float = 1.0
-    shift_audio: float = 1.0
+    shift_video: float | None = None  # None: the export's timestep-shift rule
+    shift_audio: float | None = None
     batch_size: int = 1
     attention: str = "auto"     # full | iso | auto (iso for a model never trained in full attention)
 
