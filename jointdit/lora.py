@@ -46,6 +46,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from jointdit.config import to_plain
+
 log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -85,20 +87,9 @@ class LoraGroup:
     dropout: float
 
 
-def _plain(x: Any) -> Any:
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(x, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(x, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
-    return x
-
-
 def lora_enabled(lora_cfg: Mapping[str, Any] | None) -> bool:
     """LoRA is on when the stage has a ``lora`` block with ``rank > 0``."""
-    lora_cfg = _plain(lora_cfg)
+    lora_cfg = to_plain(lora_cfg)
     return bool(lora_cfg) and int(lora_cfg.get("rank") or 0) > 0
 
 
@@ -109,7 +100,7 @@ def groups_from_config(lora_cfg: Mapping[str, Any]) -> list[LoraGroup]:
     ``patterns`` default to :data:`DEFAULT_GROUPS`; its ``rank``/``alpha``/``dropout`` default to the
     block's top-level values, and ``alpha`` to the rank (scale α/r = 1).
     """
-    lora_cfg = dict(_plain(lora_cfg) or {})
+    lora_cfg = dict(to_plain(lora_cfg) or {})
     rank = int(lora_cfg.get("rank") or 0)
     if rank <= 0:
         raise ValueError("stage.lora.rank must be > 0 to use LoRA (0 turns it off)")
@@ -313,7 +304,7 @@ def parse_adapters(value: Any) -> list[AdapterSpec]:
     Accepts a list whose items are a path, ``"path:scale"`` or ``{path, scale, name}``; or one string
     of comma-separated such items.
     """
-    value = _plain(value)
+    value = to_plain(value)
     if not value:
         return []
     items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
@@ -417,7 +408,7 @@ def training_groups(model: nn.Module, lora_cfg: Mapping[str, Any], base_ref: str
     One param group per LoRA group (its own ``lr``: ``stage.lora.groups.<g>.lr`` or ``stage.lora.lr``);
     counts are the trainable elements per group plus ``frozen`` (every base weight).
     """
-    lora_cfg = dict(_plain(lora_cfg))
+    lora_cfg = dict(to_plain(lora_cfg))
     groups = groups_from_config(lora_cfg)
     targets = resolve_targets(model, groups)
     counts = add_lora(model, groups, base_ref=None if base_ref is None else str(base_ref))

@@ -25,6 +25,7 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
+from jointdit.config import to_plain
 from jointdit.errors import InitFromError, InitFromMissingError
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,6 @@ class InitSource:
 # ----------------------------------------------------------------------------------------------
 
 
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
 def _strip_runtime(tree: Any) -> Any:
     if isinstance(tree, dict):
         return {k: _strip_runtime(v) for k, v in tree.items() if k not in _RUNTIME_CODEC_KEYS}
@@ -88,15 +85,15 @@ def expected_arch(model_cfg: Any) -> dict[str, Any]:
     """The architecture fields this run's ``model`` config builds (preset plus overrides)."""
     from jointdit.models.jointdit import full_config, model_config
 
-    fields = {k: v for k, v in (_plain(model_cfg) or {}).items() if not str(k).startswith("_")}
+    fields = {k: v for k, v in (to_plain(model_cfg) or {}).items() if not str(k).startswith("_")}
     config = full_config(model_config(fields.pop("preset", "small"), **fields))
     return {key: _norm(config.get(key)) for key in ARCH_KEYS}
 
 
 def expected_geometry(cfg: DictConfig) -> dict[str, Any]:
-    data = _plain(cfg.data) or {}
+    data = to_plain(cfg.data) or {}
     geometry = {f"data.{k}": _norm(data.get(k)) for k in DATA_KEYS}
-    geometry.update(_flat("codec", _strip_runtime(_plain(cfg.codec) or {})))
+    geometry.update(_flat("codec", _strip_runtime(to_plain(cfg.codec) or {})))
     return geometry
 
 

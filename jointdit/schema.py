@@ -217,9 +217,9 @@ def budget_bytes(cfg: DictConfig) -> int | None:
 
 
 def _device_type() -> str:
-    import torch
+    from jointdit.config import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device().type
 
 
 def check_budget(p: _Problems, cfg: DictConfig) -> None:

@@ -57,16 +57,22 @@ class FlowBatch:
     modes: list[str] = field(default_factory=list)  # [B] attention mode per sample (MODES); the model's `mode`
 
 
-def sample_tasks(probabilities: dict[str, float], batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw a task index per sample from ``probabilities`` (normalised; unknown names are refused)."""
-    unknown = set(probabilities) - set(TASKS)
+def draw_names(probabilities: Mapping[str, float], names: tuple[str, ...], batch: int,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """An index into ``names`` per sample, drawn with ``probabilities`` (normalised; unknown names refused)."""
+    unknown = set(probabilities) - set(names)
     if unknown:
-        raise ValueError(f"unknown training task(s) {sorted(unknown)}; choose from {list(TASKS)}")
-    weights = torch.tensor([float(probabilities.get(name, 0.0)) for name in TASKS])
+        raise ValueError(f"unknown training task(s) {sorted(unknown)}; choose from {list(names)}")
+    weights = torch.tensor([float(probabilities.get(name, 0.0)) for name in names])
     if (weights < 0).any() or weights.sum() <= 0:
         raise ValueError(f"task probabilities must be non-negative and not all zero, got {dict(probabilities)}")
     device = generator.device if generator is not None else "cpu"
-    return torch.multinomial((weights / weights.sum()).to(device), batch_size, replacement=True, generator=generator)
+    return torch.multinomial((weights / weights.sum()).to(device), batch, replacement=True, generator=generator)
+
+
+def sample_tasks(probabilities: dict[str, float], batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw a task index per sample from ``probabilities`` (an index into TASKS)."""
+    return draw_names(probabilities, TASKS, batch_size, generator)
 
 
 def mode_probabilities(iso_prob: IsoProb) -> dict[str, float]:

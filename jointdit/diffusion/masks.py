@@ -46,9 +46,9 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from jointdit.diffusion.flow import interpolate, sample_t
+from jointdit.diffusion.flow import TASKS, draw_names, interpolate, sample_t
 
-MODES: tuple[str, ...] = ("joint", "a2v", "v2a", "i2sv", "extend_v", "extend_a", "inpaint_v", "inpaint_a", "t2v", "t2a")
+MODES: tuple[str, ...] = TASKS + ("extend_v", "extend_a", "inpaint_v", "inpaint_a", "t2v", "t2a")
 
 # attention restriction each mode imposes: (video may see audio, audio may see video)
 _SEES = {"t2v": (False, True), "t2a": (True, False)}
@@ -293,15 +293,7 @@ class MaskParams:
 
 def sample_modes(probabilities: Mapping[str, float], batch: int, generator: torch.Generator | None = None) -> list[str]:
     """A mode per sample from ``objective.tasks`` probabilities (normalised; unknown names refused)."""
-    unknown = set(probabilities) - set(MODES)
-    if unknown:
-        raise ValueError(f"unknown training task(s) {sorted(unknown)}; choose from {list(MODES)}")
-    weights = torch.tensor([float(probabilities.get(m, 0.0)) for m in MODES])
-    if (weights < 0).any() or weights.sum() <= 0:
-        raise ValueError(f"task probabilities must be non-negative and not all zero, got {dict(probabilities)}")
-    device = generator.device if generator is not None else "cpu"
-    index = torch.multinomial((weights / weights.sum()).to(device), batch, replacement=True, generator=generator)
-    return [MODES[i] for i in index.tolist()]
+    return [MODES[i] for i in draw_names(probabilities, MODES, batch, generator).tolist()]
 
 
 def training_mask(modes: Sequence[str], geometry: Geometry, params: MaskParams = MaskParams(),
