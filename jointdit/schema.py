@@ -109,39 +109,34 @@ def _bounds(low: float | None, high: float | None, low_open: bool, high_open: bo
     return ok, " and ".join(parts)
 
 
-def check_int(p: _Problems, cfg: DictConfig, key: str, low: int | None = None, high: int | None = None,
-              example: int | None = None, optional: bool = False) -> int | None:
+def _check_number(p: _Problems, cfg: DictConfig, key: str, parse: Callable[[Any], float | int | None], kind: str,
+                  bounds: tuple[Callable[[float], bool], str], example: str, optional: bool) -> float | int | None:
     value = _get(cfg, key)
     if optional and value in (None, _MISSING):
         return None
-    number = _as_int(value)
-    ok, rule = _bounds(low, high, False, False)
-    eg = f", e.g. {key}={example}" if example is not None else ""
+    number = parse(value)
+    ok, rule = bounds
+    eg = f", e.g. {key}={example}" if example else ""
     if number is None:
-        p.add(key, value, "not a whole number", f"set a whole number{' ' + rule if rule else ''}{eg}")
+        p.add(key, value, f"not a {kind}", f"set a {kind}{' ' + rule if rule else ''}{eg}")
     elif not ok(number):
         p.add(key, value, f"must be {rule}", f"set {key} {rule}{eg}")
     else:
         return number
     return None
+
+
+def check_int(p: _Problems, cfg: DictConfig, key: str, low: int | None = None, high: int | None = None,
+              example: int | None = None, optional: bool = False) -> int | None:
+    return _check_number(p, cfg, key, _as_int, "whole number", _bounds(low, high, False, False),
+                         "" if example is None else str(example), optional)
 
 
 def check_float(p: _Problems, cfg: DictConfig, key: str, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False, example: float | None = None,
                 optional: bool = False) -> float | None:
-    value = _get(cfg, key)
-    if optional and value in (None, _MISSING):
-        return None
-    number = _as_float(value)
-    ok, rule = _bounds(low, high, low_open, high_open)
-    eg = f", e.g. {key}={example:g}" if example is not None else ""
-    if number is None:
-        p.add(key, value, "not a finite number", f"set a number{' ' + rule if rule else ''}{eg}")
-    elif not ok(number):
-        p.add(key, value, f"must be {rule}", f"set {key} {rule}{eg}")
-    else:
-        return number
-    return None
+    return _check_number(p, cfg, key, _as_float, "finite number", _bounds(low, high, low_open, high_open),
+                         "" if example is None else f"{example:g}", optional)
 
 
 def check_choice(p: _Problems, cfg: DictConfig, key: str, choices: tuple[str, ...], optional: bool = False) -> str | None:
