@@ -31,7 +31,7 @@ from pathlib import Path
 import jointdit  # noqa: F401
 import torch
 
-from jointdit.memory import Knobs, crop_shapes, estimate_peak
+from jointdit.memory import MEASURE_PRELUDE, Knobs, crop_shapes, estimate_peak
 from jointdit.memory_terms import estimate_training
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -64,16 +64,7 @@ import torch, jointdit, copy
 from jointdit.models import build_model
 from jointdit import lora, optimizers, checkpoints
 torch.manual_seed(0)
-def rss(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-w = torch.randn(2, 2, 16, 8, requires_grad=True)
-torch.nn.functional.scaled_dot_product_attention(w, w, w).sum().backward()
-torch.nn.functional.layer_norm(torch.randn(4, 8, requires_grad=True), (8,)).sum().backward()
-del w
-if spec["optimizer"] == "adafactor":
+""" + MEASURE_PRELUDE + r"""if spec["optimizer"] == "adafactor":
     import transformers.optimization
 if spec["optimizer"] == "adamw8bit":
     import bitsandbytes

@@ -411,14 +411,9 @@ def resolve_vram(cfg: Any, overrides: Sequence[str] | None = None, device: Any =
 # ----------------------------------------------------------------------------------------------
 # Measurement (calibration): peak RSS of a child process on CPU, max_memory_allocated on GPU
 # ----------------------------------------------------------------------------------------------
-_CHILD = r"""
-import json, sys, os
-spec = json.loads(sys.argv[1])
-import torch, jointdit
-from jointdit.models import build_model
-from jointdit.models.jointdit import full_config
-torch.manual_seed(0)
-dev = torch.device(spec["device"])
+# Shared by every measuring child (also experiments/bench_memory_terms.py): an RSS reader and a warm-up, so
+# the baseline includes the runtime's thread pools and kernels.
+MEASURE_PRELUDE = r"""
 def rss(field):
     with open("/proc/self/status") as f:
         for line in f:
@@ -429,7 +424,17 @@ w = torch.randn(2, 2, 16, 8, requires_grad=True)
 torch.nn.functional.scaled_dot_product_attention(w, w, w).sum().backward()
 torch.nn.functional.layer_norm(torch.randn(4, 8, requires_grad=True), (8,)).sum().backward()
 del w
-if dev.type == "cuda":
+"""
+
+_CHILD = r"""
+import json, sys, os
+spec = json.loads(sys.argv[1])
+import torch, jointdit
+from jointdit.models import build_model
+from jointdit.models.jointdit import full_config
+torch.manual_seed(0)
+dev = torch.device(spec["device"])
+""" + MEASURE_PRELUDE + r"""if dev.type == "cuda":
     torch.cuda.reset_peak_memory_stats(dev); base = torch.cuda.memory_allocated(dev)
 else:
     base = rss("VmRSS")
