@@ -18,8 +18,14 @@ Context tokens are keys/values only.
 Memory knobs (they never change which keys a query may see):
 - ``q_chunk_v`` / ``q_chunk_a``: queries are processed in chunks against the full key set — rows of a
   softmax are independent, so the result equals the unchunked one up to float rounding.
+- ``kv_pool_space = s``: keys/values are averaged over s×s neighbouring video positions and over s
+  neighbouring mel-band tokens of the audio, within one time step of one modality — time stays exact,
+  which is what audio-visual sync needs. The cheaper way to shrink the key set; use it first.
 - ``kv_downsample = r``: keys/values of each modality are averaged over r consecutive latent TIME steps
-  of that modality alone (before concatenation), so pooling never mixes modalities or touches context.
+  of that modality alone. It blurs the very timing sync depends on: at 8 fps, r = 8 averages a whole
+  second of video keys into one.
+Both pool each modality on its own, before concatenation, so pooling never mixes modalities or touches
+context; a trailing group shorter than the window is averaged over its own members.
 """
 
 from __future__ import annotations
@@ -65,12 +71,50 @@ class AttentionKnobs:
     q_chunk_v: int = 0  # video query tokens per chunk; 0 = all at once
     q_chunk_a: int = 0  # audio query tokens per chunk; 0 = all at once
     kv_downsample: int = 1  # average K/V over this many latent time steps, per modality
+    kv_pool_space: int = 1  # average K/V over s×s video positions / s mel-band tokens, per time step
 
     def __post_init__(self) -> None:
         if self.q_chunk_v < 0 or self.q_chunk_a < 0:
             raise ValueError("q_chunk_v / q_chunk_a must be >= 0 (0 disables chunking)")
         if self.kv_downsample < 1:
             raise ValueError("kv_downsample must be >= 1 (1 disables pooling)")
+        if self.kv_pool_space < 1:
+            raise ValueError("kv_pool_space must be >= 1 (1 disables pooling)")
+
+    @property
+    def pools(self) -> bool:
+        return self.kv_downsample > 1 or self.kv_pool_space > 1
+
+
+def pooled_grid(grid: Sequence[int], knobs: AttentionKnobs) -> tuple[int, ...]:
+    """The token grid ``(t, *space)`` of one modality's keys after :func:`pool_kv` (ceil division per axis)."""
+    t, *space = (int(g) for g in grid)
+    s, r = knobs.kv_pool_space, knobs.kv_downsample
+    return (-(-t // r) if t > 1 else t, *(-(-n // min(s, n)) for n in space))
+
+
+def pool_space(x: Tensor, grid: Sequence[int], window: int) -> Tensor:
+    """Average ``x [B, H, N, Dh]`` over ``window``-wide blocks of each spatial axis, within each time step.
+
+    Tokens are ordered row-major over ``grid = (t, *space)`` (one or two spatial axes: (t, h, w) video,
+    (t, f) audio). An axis shorter than the window is averaged whole. Returns ``[B, H, N', Dh]``.
+    """
+    t, *space = (int(g) for g in grid)
+    if window == 1 or all(n == 1 for n in space):
+        return x
+    b, h, n, d = x.shape
+    kernel = [min(window, n_axis) for n_axis in space]
+    y = x.reshape(b * h * t, *space, d).movedim(-1, 1)                   # [BHt, Dh, *space]
+    pool = F.avg_pool2d if len(space) == 2 else F.avg_pool1d
+    y = pool(y, kernel, ceil_mode=True)                                  # [BHt, Dh, *space'] (edge: own members)
+    return y.movedim(1, -1).reshape(b, h, -1, d)
+
+
+def pool_kv(k: Tensor, v: Tensor, grid: Sequence[int], knobs: AttentionKnobs) -> tuple[Tensor, Tensor]:
+    """One modality's keys and values pooled over space (``kv_pool_space``) then time (``kv_downsample``)."""
+    t = int(grid[0])
+    k, v = (pool_space(x, grid, knobs.kv_pool_space) for x in (k, v))
+    return pool_time(k, t, knobs.kv_downsample), pool_time(v, t, knobs.kv_downsample)
 
 
 def pool_time(x: Tensor, time_steps: int, factor: int) -> Tensor:
@@ -133,8 +177,8 @@ def joint_attention(
     q_a: Tensor, k_a: Tensor, v_a: Tensor,
     k_c: Tensor, v_c: Tensor,
     mode: str | list[str],
-    video_time_steps: int,
-    audio_time_steps: int,
+    video_grid: Sequence[int],
+    audio_grid: Sequence[int],
     knobs: AttentionKnobs | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of video and audio queries over their allowed [video; audio; context] keys.
@@ -142,14 +186,13 @@ def joint_attention(
     All tensors are ``[B, H, N, Dh]``. ``mode`` is one mode or a per-sample list (already normalised by
     :func:`normalize_mode`). With mixed modes only this op is split: samples are grouped by mode, each
     group attends over its own key sets, and outputs are put back in batch order.
-    ``*_time_steps`` are the modalities' latent time-grid lengths (used only by ``kv_downsample``).
-    Returns ``(o_v [B,H,Nv,Dh], o_a [B,H,Na,Dh])``.
+    ``video_grid (t, h, w)`` / ``audio_grid (t, f)`` are the modalities' token grids (used only by the
+    K/V pooling knobs). Returns ``(o_v [B,H,Nv,Dh], o_a [B,H,Na,Dh])``.
     """
     knobs = knobs or AttentionKnobs()
-    if knobs.kv_downsample > 1:  # pool each modality on its own, before any concatenation
-        r = knobs.kv_downsample
-        k_v, v_v = pool_time(k_v, video_time_steps, r), pool_time(v_v, video_time_steps, r)
-        k_a, v_a = pool_time(k_a, audio_time_steps, r), pool_time(v_a, audio_time_steps, r)
+    if knobs.pools:  # pool each modality on its own, before any concatenation
+        k_v, v_v = pool_kv(k_v, v_v, video_grid, knobs)
+        k_a, v_a = pool_kv(k_a, v_a, audio_grid, knobs)
     if isinstance(mode, str):
         return _attend_one_mode(q_v, k_v, v_v, q_a, k_a, v_a, k_c, v_c, mode, knobs)
 

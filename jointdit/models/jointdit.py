@@ -11,6 +11,7 @@ every block; the two streams meet in ONE attention over [video; audio; context] 
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from jointdit.models.attention import (
     AttentionKnobs,
+    pooled_grid,
     ModeArg,
     audio_sees_video,
     joint_attention,
@@ -162,7 +164,7 @@ class JointBlock(nn.Module):
         x_v: Tensor, x_a: Tensor, ctx: Tensor,
         c_v: Tensor, c_a: Tensor,
         rope_v: Tensor, rope_a: Tensor,
-        mode: str | list[str], video_time_steps: int, audio_time_steps: int, knobs: AttentionKnobs,
+        mode: str | list[str], video_grid: Sequence[int], audio_grid: Sequence[int], knobs: AttentionKnobs,
         skip_attention: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """One block; ``skip_attention [B]`` (bool) drops the attention residual of the marked samples
@@ -181,7 +183,7 @@ class JointBlock(nn.Module):
 
         # 3. ONE joint attention; `mode` decides which modalities each query may see
         o_v, o_a = joint_attention(q_v, k_v, v_v, q_a, k_a, v_a, k_c, v_c, mode,
-                                   video_time_steps, audio_time_steps, knobs)  # [B,H,Nv,Dh], [B,H,Na,Dh]
+                                   video_grid, audio_grid, knobs)             # [B,H,Nv,Dh], [B,H,Na,Dh]
 
         # 4. per-modality output projection, gated residual
         x_v = gated_residual(x_v, gv1, self.video.attn_out(o_v))       # [B, Nv, D]
@@ -276,15 +278,17 @@ class JointDiT(ModelMixin, ConfigMixin):
 
     # ------------------------------------------------------------------------------------------
     def set_memory_knobs(self, q_chunk_v: int = 0, q_chunk_a: int = 0, kv_downsample: int = 1,
-                         gradient_checkpointing: bool = False) -> None:
+                         gradient_checkpointing: bool = False, kv_pool_space: int = 1) -> None:
         """Runtime memory/compute trade-offs (the ``vram`` config group fills these).
 
         q_chunk_v / q_chunk_a: query tokens per attention chunk (0 = off); exact up to float rounding.
         kv_downsample: average K/V over this many latent time steps within each modality (1 = off);
-            an approximation, never mixing modalities.
+            an approximation, never mixing modalities, that blurs timing (see attention.py).
+        kv_pool_space: average K/V over s×s video positions and s mel-band tokens within each time step
+            (1 = off); an approximation that keeps time exact.
         gradient_checkpointing: recompute each block in backward (torch.utils.checkpoint, non-reentrant).
         """
-        self.knobs = AttentionKnobs(int(q_chunk_v), int(q_chunk_a), int(kv_downsample))
+        self.knobs = AttentionKnobs(int(q_chunk_v), int(q_chunk_a), int(kv_downsample), int(kv_pool_space))
         self.gradient_checkpointing = bool(gradient_checkpointing)
 
     def grids(self, z_video: Tensor, z_audio: Tensor) -> tuple[tuple[int, int, int], tuple[int, int]]:
@@ -445,7 +449,7 @@ class JointDiT(ModelMixin, ConfigMixin):
         rope_a = self._rope_for("audio", grid_a, audio_times, device, dtype)              # [(B,) Na, 1, Dh/2] complex
 
         for index, block in enumerate(self.blocks):
-            args = (x_v, x_a, ctx, c_v, c_a, rope_v, rope_a, mode, grid_v[0], grid_a[0], self.knobs,
+            args = (x_v, x_a, ctx, c_v, c_a, rope_v, rope_a, mode, grid_v, grid_a, self.knobs,
                     skips.get(index))
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x_v, x_a = checkpoint(block, *args, use_reentrant=False)                  # [B, Nv, D], [B, Na, D]
@@ -497,13 +501,13 @@ def full_config(config: Mapping[str, Any] | JointDiT) -> dict[str, Any]:
 
 
 def count_flops(config: Mapping[str, Any] | JointDiT, n_video: int, n_audio: int, batch_size: int = 1,
-                mode: str = "full", kv_downsample: int = 1, video_time_steps: int | None = None,
-                audio_time_steps: int | None = None, backward: bool = True) -> int:
+                mode: str = "full", knobs: AttentionKnobs | None = None, video_grid: Sequence[int] | None = None,
+                audio_grid: Sequence[int] | None = None, backward: bool = True) -> int:
     """Analytic FLOPs of one forward (×3 with ``backward``) on ``n_video`` + ``n_audio`` tokens.
 
     Counts matmuls (2·m·n·k) and attention (QKᵀ and AV: 4·Nq·Nk·D per block); norms, activations and
     elementwise ops are not counted. Backward = 2× forward (grads w.r.t. inputs and weights).
-    kv_downsample needs the modalities' latent time-grid lengths to count pooled keys.
+    K/V pooling knobs (``knobs``) need the modalities' token grids ``(t, h, w)`` / ``(t, f)`` to count keys.
     """
     cfg = full_config(config)
     d, depth = cfg["hidden_size"], cfg["depth"]
@@ -514,12 +518,12 @@ def count_flops(config: Mapping[str, Any] | JointDiT, n_video: int, n_audio: int
     n_ctx = cfg["text_len"] + 1
     text_dim, pool_dim, img_dim = cfg["text_token_dim"], cfg["text_pooled_dim"], cfg["image_embed_dim"]
 
-    def keys(n: int, steps: int | None) -> int:
-        if kv_downsample <= 1 or not steps:
+    def keys(n: int, grid: Sequence[int] | None) -> int:
+        if knobs is None or not knobs.pools or grid is None:
             return n
-        return -(-steps // kv_downsample) * (n // steps)
+        return math.prod(pooled_grid(grid, knobs))
 
-    kv_v, kv_a = keys(n_video, video_time_steps), keys(n_audio, audio_time_steps)
+    kv_v, kv_a = keys(n_video, video_grid), keys(n_audio, audio_grid)
     nk_v = kv_v + n_ctx + (kv_a if video_sees_audio(mode) else 0)
     nk_a = kv_a + n_ctx + (kv_v if audio_sees_video(mode) else 0)
 

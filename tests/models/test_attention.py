@@ -1,16 +1,26 @@
 """joint_attention: allowed key sets per mode, chunking, per-modality K/V pooling."""
 
+import math
+
 import jointdit  # noqa: F401
 import pytest
 import torch
 import torch.nn.functional as F
 
-from jointdit.models.attention import AttentionKnobs, joint_attention, normalize_mode, pool_time, sdpa_chunked
+from jointdit.models.attention import (
+    AttentionKnobs,
+    joint_attention,
+    normalize_mode,
+    pool_space,
+    pool_time,
+    pooled_grid,
+    sdpa_chunked,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 H, DH = 2, 8
-TV, SV = 6, 4    # video: 6 time steps x 4 tokens per step
+TV, SV = 6, 4    # video: 6 time steps x 4 tokens per step (a 2x2 grid)
 TA, SA = 10, 2   # audio: 10 time steps x 2 tokens per step
 NC = 3
 
@@ -23,7 +33,7 @@ def qkv(b=3, seed=0):
 
 
 def run(t, mode, **knobs):
-    return joint_attention(**t, mode=mode, video_time_steps=TV, audio_time_steps=TA, knobs=AttentionKnobs(**knobs))
+    return joint_attention(**t, mode=mode, video_grid=(TV, 2, 2), audio_grid=(TA, SA), knobs=AttentionKnobs(**knobs))
 
 
 def reference(t, mode):
@@ -89,6 +99,61 @@ def test_kv_downsample_never_mixes_modalities_or_context():
                 k_a=pool_time(t["k_a"], TA, 3), v_a=pool_time(t["v_a"], TA, 3))
     for a, b in zip(run(t, "full", kv_downsample=3), reference(hand, "full")):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _hand_pool_space(x, grid, s):
+    """Space pooling written out: for each time step, the mean of each s-wide block of each spatial axis
+    (a trailing block holds fewer members)."""
+    t, *space = grid
+    b, h, _, d = x.shape
+    x = x.view(b, h, t, *space, d)
+    out = []
+    for k in range(t):
+        if len(space) == 2:
+            for i in range(0, space[0], s):
+                for j in range(0, space[1], s):
+                    out.append(x[:, :, k, i:i + s, j:j + s].reshape(b, h, -1, d).mean(2))
+        else:
+            for i in range(0, space[0], s):
+                out.append(x[:, :, k, i:i + s].mean(2))
+    return torch.stack(out, dim=2)
+
+
+@pytest.mark.parametrize("grid, s", [((3, 4, 6), 2), ((2, 5, 5), 2), ((2, 3, 4), 4), ((4, 6), 2), ((4, 5), 4)])
+def test_pool_space_averages_blocks_within_each_time_step(grid, s):
+    x = torch.randn(2, 3, math.prod(grid), 5, generator=torch.Generator().manual_seed(1))
+    pooled = pool_space(x, grid, s)
+    torch.testing.assert_close(pooled, _hand_pool_space(x, grid, s))
+    assert pooled.shape[2] == math.prod(pooled_grid(grid, AttentionKnobs(kv_pool_space=s)))
+
+
+def test_space_pooling_keeps_time_exact():
+    """Changing the keys of one time step changes only that step's pooled keys (space pooling never
+    blurs time); time pooling (kv_downsample) does blur it."""
+    x = torch.randn(1, 2, TV * SV, DH, generator=torch.Generator().manual_seed(2))
+    y = x.clone()
+    y[:, :, 2 * SV:3 * SV] += 1.0  # time step 2
+    space = pool_space(y, (TV, 2, 2), 2) - pool_space(x, (TV, 2, 2), 2)
+    changed = space.abs().sum(dim=(0, 1, 3)) > 0
+    assert changed.tolist() == [k == 2 for k in range(TV)]
+    timed = pool_time(y, TV, 3) - pool_time(x, TV, 3)
+    assert (timed.abs().sum(dim=(0, 1, 3)) > 0).sum() == SV  # one pooled group of 3 steps (steps 0-2) changed
+
+
+def test_kv_pool_space_never_mixes_modalities_and_matches_hand_pooled_keys():
+    t = qkv()
+    base = run(t, "iso", kv_pool_space=2)
+    t2 = dict(t, k_a=t["k_a"] + 1, v_a=t["v_a"] * 2)
+    assert torch.equal(run(t2, "iso", kv_pool_space=2)[0], base[0])
+    hand = dict(t, k_v=_hand_pool_space(t["k_v"], (TV, 2, 2), 2), v_v=_hand_pool_space(t["v_v"], (TV, 2, 2), 2),
+                k_a=_hand_pool_space(t["k_a"], (TA, SA), 2), v_a=_hand_pool_space(t["v_a"], (TA, SA), 2))
+    for a, b in zip(run(t, "full", kv_pool_space=2), reference(hand, "full")):
+        torch.testing.assert_close(a, b)
+    both = run(t, "full", kv_pool_space=2, kv_downsample=3)
+    hand_both = dict(t, **{k: pool_time(v, TV if k.endswith("_v") else TA, 3) for k, v in hand.items()
+                           if k in ("k_v", "v_v", "k_a", "v_a")})
+    for a, b in zip(both, reference(hand_both, "full")):
+        torch.testing.assert_close(a, b)
 
 
 def test_mode_validation():

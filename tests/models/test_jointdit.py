@@ -93,7 +93,8 @@ def _changed(model, mode, which: str, **knobs):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("knobs", [{}, {"kv_downsample": 2}, {"q_chunk_v": 5, "q_chunk_a": 3, "kv_downsample": 3}])
+@pytest.mark.parametrize("knobs", [{}, {"kv_downsample": 2}, {"q_chunk_v": 5, "q_chunk_a": 3, "kv_downsample": 3},
+                                   {"kv_pool_space": 2}, {"kv_pool_space": 2, "kv_downsample": 2}])
 def test_isolation_both_directions(model, knobs):
     # iso_v: video blind to audio -> changing audio leaves video output bit-identical (audio still sees video)
     (vv, va), (vv2, va2) = _changed(model, "iso_v", "audio", **knobs)
@@ -235,13 +236,15 @@ def test_query_chunking_equals_unchunked(model, mode):
 
 
 @torch.no_grad()
-def test_kv_downsample_changes_output_but_keeps_shapes(model):
+@pytest.mark.parametrize("knob", ["kv_downsample", "kv_pool_space"])
+def test_kv_pooling_changes_output_but_keeps_shapes(model, knob):
     zv, za, tv, ta, cond = inputs()
     ref = model(zv, za, tv, ta, cond)
-    model.set_memory_knobs(kv_downsample=2)
+    model.set_memory_knobs(**{knob: 2})
     out = model(zv, za, tv, ta, cond)
     model.set_memory_knobs()
     assert out[0].shape == ref[0].shape and not torch.allclose(out[0], ref[0])
+    assert out[1].shape == ref[1].shape and not torch.allclose(out[1], ref[1])
 
 
 def test_gradient_checkpointing_gives_same_gradients():
