@@ -34,6 +34,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from jointdit.config import resolve_device
@@ -406,6 +407,203 @@ def resolve_vram(cfg: Any, overrides: Sequence[str] | None = None, device: Any =
         check_plan(est, budget, kn)
     v.update(estimate_bytes=est.total, budget_bytes=int(budget))
     return v
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling plan: checked before the sampler loads anything
+# ----------------------------------------------------------------------------------------------
+DEFAULT_MARGIN = 0.1  # headroom every plan keeps over its estimate: fits iff estimate · (1 + margin) <= budget
+
+
+@dataclass
+class SamplingPlan:
+    """What one ``jointdit.sample`` session holds at its peak (bytes) and whether it fits the budget.
+
+    resident  = weights (model fp32 + unmerged adapters) + codec weights + CLIP weights
+    working   = max(forward, decode)    the batched forward (``branches × batch_size`` rows, no autograd)
+                                       finishes before the codecs decode one clip
+    total     = resident + working + media   (media: the decoded clip fp32 ×2 + its uint8 frames, the wave)
+    planned   = total · (1 + margin);  fits = planned <= budget
+    """
+
+    weights: int
+    codec_weights: int
+    clip_weights: int
+    forward: int
+    decode: int
+    media: int
+    budget: int
+    margin: float
+    branches: int
+    batch_size: int
+    knobs: Knobs
+    vid_decode_chunk: int | None
+    notes: list[str] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.codec_weights + self.clip_weights + max(self.forward, self.decode) + self.media
+
+    @property
+    def planned(self) -> int:
+        return int(self.total * (1.0 + self.margin))
+
+    @property
+    def fits(self) -> bool:
+        return self.planned <= self.budget
+
+    def as_dict(self) -> dict[str, Any]:
+        keys = ("weights", "codec_weights", "clip_weights", "forward", "decode", "media", "budget")
+        return {**{k: int(getattr(self, k)) for k in keys}, "total": self.total, "planned": self.planned,
+                "fits": self.fits, "margin": self.margin, "branches": self.branches, "batch_size": self.batch_size,
+                "vid_decode_chunk": self.vid_decode_chunk, **asdict(self.knobs), "notes": list(self.notes), **self.info}
+
+    def advice(self) -> str:
+        """The knob(s) that shrink the largest term, for the error message."""
+        hints = []
+        if self.forward >= self.decode:
+            hints.append(f"fewer guidance branches in one batch (now {self.branches}: guidance=cfg or none, or set "
+                         f"unused w_* to 0)")
+            if self.batch_size > 1:
+                hints.append(f"batch_size=1 (now {self.batch_size})")
+            hints.append(f"max_t=<latent frames> to sample a shorter clip (now {self.knobs.max_t or 'the whole clip'})")
+        else:
+            now = "the codec's decode_chunk" if self.vid_decode_chunk is None else self.vid_decode_chunk
+            hints.append(f"lower vram.vid_decode_chunk (now {now})")
+        if self.weights + self.codec_weights + self.clip_weights > max(self.forward, self.decode):
+            hints.append("a smaller model, codec.dtype=float16, or clip=false (prompts then ignored)")
+        return "; or ".join(hints)
+
+
+def _sampling_model_config(folder: Path) -> tuple[dict[str, Any], Path]:
+    """The model config of an export / adapter / training-checkpoint folder (no weights read), and the folder
+    whose ``jointdit.json`` describes it."""
+    import json
+
+    from jointdit import checkpoints, lora
+
+    if (folder / "config.json").exists():
+        return json.loads((folder / "config.json").read_text()), folder
+    if lora.is_adapter_folder(folder):
+        base = lora.base_reference(folder)
+        if base is None or not (base / "config.json").exists():
+            raise FileNotFoundError(f"the adapter {folder} names no readable base model ({base}); pass "
+                                    f"checkpoint=<base model folder> adapters=[{folder}]")
+        return json.loads((base / "config.json").read_text()), folder
+    if (folder / checkpoints.STATE_FILE).exists():
+        return dict(checkpoints.read_state(folder)["model_config"]), folder
+    raise FileNotFoundError(f"{folder} is neither an exported model folder (config.json), a LoRA adapter folder nor a "
+                            f"training checkpoint ({checkpoints.STATE_FILE})")
+
+
+def guidance_branches(guidance: Any, *, prompt: bool = True, negative: bool = True, image: bool = True) -> int:
+    """Rows per sample in the guided forward: ``pos`` + each active branch of a
+    :class:`~jointdit.diffusion.guidance.JointCFG` (or an int, returned as is). ``prompt``/``negative``/
+    ``image``: whether the request has text, a negative prompt, a first frame (a branch that would repeat
+    ``pos`` is skipped, :meth:`JointCFG.branches`)."""
+    if isinstance(guidance, int):
+        return max(1, guidance)
+    active = guidance.active
+    return (1 + active("iso") + (active("no_text") and prompt) + (active("neg_text") and negative)
+            + (active("no_image") and image) + (active("stg") and bool(guidance.stg_blocks)))
+
+
+def sampling_plan(checkpoint: str | os.PathLike, *, device: Any = None, vram: Mapping[str, Any] | None = None,
+                  codec: Mapping[str, Any] | None = None, clip: Any = None, spec: Any = None, adapters: Any = None,
+                  branches: Any = 3, batch_size: int = 1, max_t: int | None = None, budget_bytes: int | None = None,
+                  margin: float | None = None) -> SamplingPlan:
+    """The memory plan of sampling ``checkpoint`` — from its ``config.json`` / ``jointdit.json`` and the
+    codec/CLIP folders' files only: nothing is loaded. Arguments as :func:`jointdit.sample.load_session`:
+
+    vram        knobs ``{max_t, q_chunk_v, q_chunk_a, kv_downsample, vid_decode_chunk, budget_gb, margin}``;
+                kv_downsample: the export's (``attention.kv_downsample``) unless given here
+    codec       codec config (None: the export's); a ready ``(video, audio)`` codec tuple counts its modules
+    clip        CLIP settings ``{model, pretrained, model_config}``; None: the export's; False: none
+    spec        a :class:`~jointdit.latents.LatentSpec` or ``{seconds, fps, size}``; None: the export's
+    adapters    LoRA adapter folders (``path``, ``path:scale`` or ``{path, scale}``), counted unmerged
+    branches    guidance rows per sample: an int, or a JointCFG (:func:`guidance_branches`, upper bound)
+    batch_size  seeds integrated together (``SampleRequest.batch_size``)
+    max_t       latent frames sampled (``SampleRequest.max_t``; None: ``vram.max_t``; 0: the whole clip)
+    budget      ``budget_bytes`` > ``vram.budget_gb`` > :func:`detect_budget` (CUDA memory, else available RAM)
+    margin      > ``vram.margin`` > :data:`DEFAULT_MARGIN`
+    """
+    from jointdit import checkpoints, lora
+    from jointdit.latents import LatentSpec, spec_for_data
+    from jointdit.memory_terms import clip_weights_bytes, codec_terms, weights_bytes
+
+    folder = Path(checkpoint).expanduser()
+    model_config, meta_folder = _sampling_model_config(folder)
+    meta = checkpoints.load_export_meta(meta_folder)
+    vram = dict(vram or {})
+    dev = resolve_device(device)
+    notes: list[str] = []
+    codec_cfg = codec if isinstance(codec, Mapping) else (meta.get("codec") or {})
+    if isinstance(spec, LatentSpec):
+        geometry = spec
+    elif spec:
+        geometry = spec_for_data(dict(spec), codec_cfg or {"name": "pixel_mel"})
+    elif meta:
+        geometry = LatentSpec.from_export_meta(meta, model_config)
+    else:
+        raise ValueError(f"{folder} has no jointdit.json to read the clip geometry from; give spec={{seconds, fps, size}}")
+    crop = int(vram.get("max_t") or 0) if max_t is None else int(max_t)
+    exported_kv = (meta.get("attention") or {}).get("kv_downsample")
+    knobs = Knobs(max_t=crop, q_chunk_v=int(vram.get("q_chunk_v") or 0), q_chunk_a=int(vram.get("q_chunk_a") or 0),
+                  kv_downsample=int(vram.get("kv_downsample") or exported_kv or 1), micro_batch_size=int(batch_size))
+    rows = guidance_branches(branches) * int(batch_size)
+    precision = str(vram.get("mixed_precision", "no")) if dev.type == "cuda" else "no"
+    model_config = {**model_config, "video_in_channels": geometry.video_shape[1],
+                    "audio_in_channels": geometry.audio_shape[0], "video_latent_fps": geometry.video_latent_fps,
+                    "audio_latent_fps": geometry.audio_latent_fps}
+    est = estimate_peak(model_config, geometry.video_shape, geometry.audio_shape, knobs, micro_batch=rows,
+                        precision=precision, training=False, device=dev.type)
+    adapter_bytes = 0
+    if adapters:
+        adapter_bytes = sum(weights_bytes(a.path) for a in lora.parse_adapters(adapters))
+    if lora.is_adapter_folder(folder):  # an adapter export: its base plus the adapter itself
+        adapter_bytes += weights_bytes(folder / lora.ADAPTER_WEIGHTS)
+    chunk = vram.get("vid_decode_chunk")
+    chunk = None if chunk is None else int(chunk)
+    frames = int(est.info["Tv"] * geometry.fps / geometry.video_latent_fps)
+    terms = codec_terms(codec_cfg, frames, geometry.size, est.info["La"], chunk)
+    if isinstance(codec, tuple):  # ready codec objects: count the weights of their modules
+        terms.weights = sum(p.numel() * p.element_size() for c in codec for m in vars(c).values()
+                            if hasattr(m, "parameters") for p in m.parameters())
+    notes += terms.notes
+    clip_settings = meta.get("clip") if clip is None else (None if clip is False else clip)
+    clip_bytes, note = clip_weights_bytes(dict(clip_settings) if isinstance(clip_settings, Mapping) else None)
+    notes += [note] if note else []
+    h, w = geometry.size
+    samples = int(round(frames / geometry.fps * geometry.sample_rate))
+    media = 2 * 4 * frames * 3 * h * w + frames * 3 * h * w + 2 * 4 * samples
+    if budget_bytes is not None:
+        budget = int(budget_bytes)
+    elif vram.get("budget_gb"):
+        budget = int(float(vram["budget_gb"]) * GiB)
+    else:
+        budget = detect_budget(dev)
+    m = float(margin if margin is not None else vram.get("margin", DEFAULT_MARGIN) or 0.0)
+    return SamplingPlan(weights=est.params + adapter_bytes, codec_weights=terms.weights, clip_weights=clip_bytes,
+                        forward=est.activations + est.attention + est.overhead, decode=terms.decode, media=media,
+                        budget=budget, margin=m, branches=guidance_branches(branches), batch_size=int(batch_size),
+                        knobs=knobs, vid_decode_chunk=chunk, notes=notes,
+                        info={"device": dev.type, "frames": frames, "tokens_video": est.info["tokens_video"],
+                              "tokens_audio": est.info["tokens_audio"], "n_params": est.n_params})
+
+
+def check_sampling_plan(checkpoint: str | os.PathLike, **kwargs: Any) -> SamplingPlan:
+    """:func:`sampling_plan` (same arguments), raising :class:`MemoryPlanError` naming the knob to change
+    when ``total · (1 + margin)`` exceeds the budget. Call it before loading the model."""
+    plan = sampling_plan(checkpoint, **kwargs)
+    if not plan.fits:
+        raise MemoryPlanError(
+            f"sampling {checkpoint} needs an estimated {_fmt(plan.total)} (+{plan.margin:.0%} margin = "
+            f"{_fmt(plan.planned)}) but {_fmt(plan.budget)} is available on {plan.info['device']}: model "
+            f"{_fmt(plan.weights)}, codecs {_fmt(plan.codec_weights)}, CLIP {_fmt(plan.clip_weights)}, forward of "
+            f"{plan.branches * plan.batch_size} rows {_fmt(plan.forward)}, decode {_fmt(plan.decode)}. Use "
+            + plan.advice() + "; or vram.budget_gb=<GiB> if the detected budget is wrong")
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------

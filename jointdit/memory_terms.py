@@ -221,3 +221,133 @@ def estimate_for_run(cfg: Any, video_shape: Sequence[int], audio_shape: Sequence
                              optimizer=str(vram.get("optimizer", "adamw")), foreach=foreach,
                              ema=bool(cfg.ema.enabled), precision=precision, device=device,
                              preview=int(cfg.get("sample_every", -1)) >= 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling-side terms: codec weights and decode working memory, CLIP weights, decoded media
+# ----------------------------------------------------------------------------------------------
+# Live feature maps of a diffusers VAE decoder's last (full-resolution) up block per output pixel, in units
+# of ``block_out_channels[0]`` values: the ResNet input, its norm/conv intermediates and the upsampler's
+# output. Fitted on the tiny random-init SVD / AudioLDM2 VAEs (experiments/bench_memory_terms.py, calibration
+# rows "decode ..."), see :func:`codec_terms`.
+VAE_DECODER_LIVE_MAPS = 4.0
+# HiFi-GAN: live maps at the widest stage (channels × samples), input + resblock intermediates + sum.
+VOCODER_LIVE_MAPS = 4.0
+# Griffin-Lim on a log-mel [L, n_mels]: linear magnitude, complex spectra (angles, rebuilt, previous for
+# momentum) and the STFT's framed copy, each (n_fft/2+1)·L values; counted in 4-byte units.
+GRIFFIN_LIM_LIVE_SPECTRA = 10.0
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _component_folder(path: str | Path | None, sub: str) -> Path | None:
+    """``path`` itself when it holds config.json, else ``path/sub`` (the layouts ``find_model_folder`` accepts)."""
+    if not path:
+        return None
+    p = Path(str(path)).expanduser()
+    return p if (p / "config.json").exists() else p / sub
+
+
+@dataclass
+class CodecTerms:
+    """Bytes the codecs hold (``weights``) and need while decoding one clip (``decode_video``/``decode_audio``)."""
+
+    weights: int = 0
+    decode_video: int = 0
+    decode_audio: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def decode(self) -> int:
+        """Video and audio decode one after the other: the larger of the two is live at once."""
+        return max(self.decode_video, self.decode_audio)
+
+
+def codec_terms(codec: Mapping[str, Any] | None, frames: int, size: Sequence[int], latent_audio_steps: int,
+                vid_decode_chunk: int | None = None) -> CodecTerms:
+    """The codec config's weights and decode working memory for one clip of ``frames`` frames at ``size``
+    (H, W) and ``latent_audio_steps`` latent audio steps (the model-side audio length).
+
+    pixel_mel: no weights; video decode is a reshape (the output is counted as decoded media); audio decode
+    is Griffin-Lim: :data:`GRIFFIN_LIM_LIVE_SPECTRA` · (n_fft/2+1) · L · 4 bytes.
+    svd_audioldm2: the folders' weight files; the SVD temporal decoder decodes ``chunk + 2·overlap`` frames
+    per call (``vid_decode_chunk`` > ``video.decode_chunk``; ≤ 0: all frames), holding
+    :data:`VAE_DECODER_LIVE_MAPS` · C₀ · H · W values per frame (C₀ = ``block_out_channels[0]`` of its
+    config); the AudioLDM2 VAE the same on the mel image [4·La, n_mels] per clip, then the HiFi-GAN vocoder
+    :data:`VOCODER_LIVE_MAPS` · max over stages (channels · samples). Bytes per value follow ``codec.dtype``.
+    """
+    c = dict(codec or {})
+    h, w = int(size[0]), int(size[1])
+    out = CodecTerms()
+    name = c.get("name", "pixel_mel")
+    audio = dict(c.get("audio") or {})
+    n_fft = int(audio.get("n_fft", 1024))
+    if name == "pixel_mel":
+        out.decode_audio = int(GRIFFIN_LIM_LIVE_SPECTRA * (n_fft // 2 + 1) * latent_audio_steps * 4)
+        return out
+    if name != "svd_audioldm2":
+        out.notes.append(f"codec {name!r} is not modelled: its weights and decode are not counted")
+        return out
+    value = 2 if str(c.get("dtype", "float32")) in ("float16", "bfloat16") else 4
+    video = dict(c.get("video") or {})
+    vae = _component_folder(video.get("vae_path"), "vae")
+    audio_vae = _component_folder(audio.get("root") or audio.get("vae_path"), "vae")
+    vocoder = _component_folder(audio.get("vocoder_path") or (Path(audio["root"]) / "vocoder" if audio.get("root") else None),
+                                "vocoder")
+    for folder, what in ((vae, "SVD VAE"), (audio_vae, "AudioLDM2 VAE"), (vocoder, "vocoder")):
+        n = weights_bytes(folder)
+        if not n:
+            out.notes.append(f"{what} weights not found at {folder}: not counted")
+        out.weights += n
+    chunk = int(video.get("decode_chunk", 8) if vid_decode_chunk is None else vid_decode_chunk)
+    per_call = frames if chunk <= 0 else min(frames, chunk + 2 * int(video.get("decode_overlap", 2) or 0))
+    c0 = int((_read_json(vae / "config.json") if vae else {}).get("block_out_channels", [128])[0])
+    out.decode_video = int(VAE_DECODER_LIVE_MAPS * c0 * h * w * per_call * value)
+    a_cfg = _read_json(audio_vae / "config.json") if audio_vae else {}
+    mel_frames, n_mels = 4 * latent_audio_steps, int(audio.get("n_mels", 64))
+    batch = 1  # _decode decodes one clip at a time
+    vae_audio = VAE_DECODER_LIVE_MAPS * int(a_cfg.get("block_out_channels", [128])[0]) * mel_frames * n_mels * batch
+    v_cfg = _read_json(vocoder / "config.json") if vocoder else {}
+    ch, length, widest = int(v_cfg.get("upsample_initial_channel", 512)), mel_frames, 0
+    for rate in v_cfg.get("upsample_rates", [5, 4, 2, 2, 2]):
+        ch, length = ch // 2, length * int(rate)
+        widest = max(widest, ch * length)
+    out.decode_audio = int(max(vae_audio, VOCODER_LIVE_MAPS * widest) * value)
+    return out
+
+
+def clip_weights_bytes(settings: Mapping[str, Any] | None) -> tuple[int, str | None]:
+    """Bytes of the CLIP encoder ``{model, pretrained, model_config}`` loads, and a note when it is a guess.
+
+    A local ``pretrained`` file counts its size. Otherwise the open_clip model config (registered
+    ``model_config`` file, or open_clip's own by name) gives the transformer widths/layers: each layer holds
+    12·W² weights (attention 4·W², MLP 8·W²), plus the text token embedding, in fp32.
+    """
+    if not settings or settings.get("enabled", True) is False:
+        return 0, None
+    pretrained = settings.get("pretrained")
+    if pretrained and Path(str(pretrained)).expanduser().is_file():
+        return Path(str(pretrained)).expanduser().stat().st_size, None
+    cfg: dict[str, Any] = {}
+    if settings.get("model_config"):
+        cfg = _read_json(Path(str(settings["model_config"])).expanduser()).get("model_cfg") or \
+            _read_json(Path(str(settings["model_config"])).expanduser())
+    if not cfg:
+        try:
+            import open_clip
+
+            cfg = open_clip.get_model_config(str(settings.get("model", "ViT-B-16"))) or {}
+        except Exception:  # noqa: BLE001 - open_clip missing or the name unknown: fall back to ViT-B-16's size
+            cfg = {}
+    vision, text = dict(cfg.get("vision_cfg") or {}), dict(cfg.get("text_cfg") or {})
+    wv, lv = int(vision.get("width", 768)), int(vision.get("layers", 12))
+    wt, lt = int(text.get("width", 512)), int(text.get("layers", 12))
+    n = 12 * lv * wv ** 2 + 12 * lt * wt ** 2 + int(text.get("vocab_size", 49408)) * wt
+    return 4 * n, f"CLIP weights estimated from its config ({n / 1e6:.0f} M parameters)"
