@@ -35,7 +35,7 @@ EXPORT_NAMES = ("last", "best")
 # Model fields that define the weights' shapes and the function; the in-channels, latent rates and CLIP
 # widths are filled from the data and compared as latent geometry instead.
 ARCH_KEYS = ("hidden_size", "depth", "num_heads", "mlp_ratio", "video_patch_size", "audio_patch_size", "qk_norm",
-             "rope_theta", "rope_time_scale")
+             "rope_theta", "rope_time_scale", "rope_space_theta", "prediction")
 DATA_KEYS = ("size", "fps", "sample_rate")
 _RUNTIME_CODEC_KEYS = {"device", "encode_batch", "decode_batch", "decode_chunk", "decode_overlap",
                        "griffin_lim_iters", "griffin_lim_momentum", "seed"}

@@ -57,6 +57,12 @@ PRESETS: dict[str, dict[str, int]] = {
 }
 DEFAULT_PRESET = "small"
 _DEFAULT = PRESETS[DEFAULT_PRESET]
+# Defaults for NEW models that differ from the constructor's, which stay what older exports were trained
+# with (their config.json lacks the field, and loading it must rebuild the same function).
+NEW_MODEL_DEFAULTS: dict[str, Any] = {"rope_space_theta": 32.0}
+PREDICTIONS: tuple[str, ...] = ("velocity", "sample")
+# x̂0 → v divides by t; below this t the division is clamped (JiT's 0.05), so given (t = 0) positions stay finite.
+SAMPLE_PREDICTION_T_MIN = 0.05
 
 
 #################################################################################
@@ -209,6 +215,14 @@ class JointDiT(ModelMixin, ConfigMixin):
         text_token_dim, text_pooled_dim,           CLIP feature widths (``ClipConditioner.model_kwargs()``)
         image_embed_dim, text_len
         qk_norm, rope_theta, rope_time_scale       attention details (rope_time_scale None → finer token rate)
+        rope_space_theta                           band base of the height/width/mel RoPE planes (rope.py)
+        prediction                                 what the network outputs (see below); forward always
+                                                   returns velocities
+    ``prediction``: ``"velocity"`` — the last layer is the velocity ε − x0; ``"sample"`` — it is the clean
+    latent x̂0 and forward returns v = (z_t − x̂0) / max(t, t_min), so the flow loss becomes
+    ‖x0 − x̂0‖²/t² (JiT, Li & He 2025). With tokens as wide as or wider than the model (large patches),
+    a velocity or noise output must carry the token's full-rank noise through the network and fails;
+    the clean latent lies on a low-dimensional manifold and does not.
     Runtime memory knobs are NOT config: see :meth:`set_memory_knobs`.
     """
 
@@ -235,8 +249,12 @@ class JointDiT(ModelMixin, ConfigMixin):
         qk_norm: bool = True,
         rope_theta: float = 10000.0,
         rope_time_scale: float | None = None,
+        rope_space_theta: float = 10000.0,
+        prediction: str = "velocity",
     ) -> None:
         super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
         self.video_patch = tuple(int(p) for p in video_patch_size)
@@ -258,7 +276,7 @@ class JointDiT(ModelMixin, ConfigMixin):
 
         self.rope = JointRope(hidden_size // num_heads, pt / video_latent_fps, pa / audio_latent_fps,
                               theta=rope_theta, time_scale=rope_time_scale,
-                              video_steps_per_token=pt, audio_steps_per_token=pa)
+                              video_steps_per_token=pt, audio_steps_per_token=pa, space_theta=rope_space_theta)
         self._rope_cache: dict[tuple, Tensor] = {}
         self.knobs = AttentionKnobs()
         self.gradient_checkpointing = False
@@ -456,21 +474,44 @@ class JointDiT(ModelMixin, ConfigMixin):
             else:
                 x_v, x_a = block(*args)                                                   # [B, Nv, D], [B, Na, D]
 
-        v_video = unpatchify_video(self.video_out(x_v, c_v), self.video_patch, grid_v,
-                                   self.config.video_in_channels)                         # [B, Tv, Cv, hv, wv]
-        v_audio = unpatchify_audio(self.audio_out(x_a, c_a), self.audio_patch, grid_a,
-                                   self.config.audio_in_channels)                         # [B, Ca, La, Fa]
-        return v_video, v_audio
+        out_v = unpatchify_video(self.video_out(x_v, c_v), self.video_patch, grid_v,
+                                 self.config.video_in_channels)                           # [B, Tv, Cv, hv, wv]
+        out_a = unpatchify_audio(self.audio_out(x_a, c_a), self.audio_patch, grid_a,
+                                 self.config.audio_in_channels)                           # [B, Ca, La, Fa]
+        if self.config.prediction == "velocity":
+            return out_v, out_a
+        tv = _video_t_like(torch.as_tensor(t_video, device=device), z_video).clamp(min=SAMPLE_PREDICTION_T_MIN)
+        ta = _audio_t_like(torch.as_tensor(t_audio, device=device), z_audio).clamp(min=SAMPLE_PREDICTION_T_MIN)
+        return (z_video.to(dtype) - out_v) / tv, (z_audio.to(dtype) - out_a) / ta               # x̂0 → velocity
+
+
+def _video_t_like(t: Tensor, z_video: Tensor) -> Tensor:
+    """``t_video`` [B], [B, Tv] or [B, Tv·hv·wv] → broadcastable to ``z_video [B, Tv, Cv, hv, wv]``."""
+    b, tv, _, hv, wv = z_video.shape
+    t = t.reshape(-1).expand(b) if t.ndim < 2 else t.reshape(b, -1)
+    if t.ndim == 1 or t.shape[1] == 1:
+        return t.reshape(b, 1, 1, 1, 1)
+    if t.shape[1] == tv:
+        return t.reshape(b, tv, 1, 1, 1)
+    return t.reshape(b, tv, 1, hv, wv)
+
+
+def _audio_t_like(t: Tensor, z_audio: Tensor) -> Tensor:
+    """``t_audio`` [B] or [B, La] → broadcastable to ``z_audio [B, Ca, La, Fa]``."""
+    b, _, la, _ = z_audio.shape
+    t = t.reshape(-1).expand(b) if t.ndim < 2 else t.reshape(b, -1)
+    return t.reshape(b, 1, 1, 1) if t.ndim == 1 or t.shape[1] == 1 else t.reshape(b, 1, la, 1)
 
 
 #################################################################################
 #                          Construction and FLOP counting                       #
 #################################################################################
 def model_config(preset: str = DEFAULT_PRESET, **overrides: Any) -> dict[str, Any]:
-    """A preset's fields merged with ``overrides`` (None values mean "keep the preset/default")."""
+    """A preset's fields and :data:`NEW_MODEL_DEFAULTS` merged with ``overrides`` (None values mean "keep
+    the preset/default")."""
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
-    cfg = dict(PRESETS[preset])
+    cfg = {**NEW_MODEL_DEFAULTS, **PRESETS[preset]}
     cfg.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in overrides.items() if v is not None})
     return cfg
 

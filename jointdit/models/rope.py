@@ -75,7 +75,11 @@ class JointRope:
         head_dim: attention head width ``Dh``.
         video_seconds_per_token: ``patch_t / video_latent_fps``.
         audio_seconds_per_token: ``audio_patch_t / audio_latent_fps``.
-        theta: base of the geometric frequency bands.
+        theta: base of the geometric frequency bands of the time planes.
+        space_theta: base of the bands of the height, width and mel planes. These axes have tens of
+            positions, not thousands: with θ = 10000 and three planes the bands are 1, 0.046 and 0.002
+            rad/position, so only the 1 rad band tells positions apart and it aliases at 2π (an offset of 6
+            scores like an offset of 0) — a model cannot place an object. θ = 32 gives 1, 0.31, 0.10.
         time_scale: radians per second of the fastest time band; by default the finer of the two token
             rates (tokens/s), so adjacent tokens of the faster modality are one radian apart.
         video_steps_per_token / audio_steps_per_token: latent time steps per token (the temporal patch),
@@ -91,6 +95,7 @@ class JointRope:
         time_scale: float | None = None,
         video_steps_per_token: int = 1,
         audio_steps_per_token: int = 1,
+        space_theta: float = 10000.0,
     ) -> None:
         self.planes = split_planes(head_dim)
         self.video_dt = float(video_seconds_per_token)
@@ -100,9 +105,9 @@ class JointRope:
             time_scale = 1.0 / min(self.video_dt, self.audio_dt)
         p = self.planes
         self.time_freqs = band_frequencies(p.time, theta, time_scale)
-        self.height_freqs = band_frequencies(p.height, theta)
-        self.width_freqs = band_frequencies(p.width, theta)
-        self.freq_freqs = band_frequencies(p.freq, theta)
+        self.height_freqs = band_frequencies(p.height, space_theta)
+        self.width_freqs = band_frequencies(p.width, space_theta)
+        self.freq_freqs = band_frequencies(p.freq, space_theta)
 
     # -- positions -------------------------------------------------------------------------------
     @staticmethod

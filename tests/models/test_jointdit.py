@@ -347,3 +347,28 @@ def test_flop_count_matches_parameter_count_and_attention():
     assert 0.95 < fwd / (matmul + attn) < 1.15
     assert count_flops(m, n_v, n_a) == 3 * fwd
     assert count_flops(m, n_v, n_a, mode="iso", backward=False) < fwd
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("t_shape", ["per_sample", "per_frame"])
+def test_sample_prediction_returns_the_velocity_of_its_clean_estimate(t_shape):
+    """prediction="sample": the network's output is x̂0 and forward returns (z_t − x̂0)/max(t, 0.05). Oracle:
+    a velocity-prediction twin with the same weights outputs the raw network output, x̂0."""
+    sample = randomize(make_model(prediction="sample"))
+    twin = make_model()
+    twin.load_state_dict(sample.state_dict())
+    zv, za, tv, ta, cond = inputs()
+    if t_shape == "per_frame":
+        tv = torch.rand(zv.shape[0], zv.shape[1], generator=torch.Generator().manual_seed(3))
+        tv[:, 0] = 0.0  # a given first frame: clamped, stays finite
+    x0_v, x0_a = twin(zv, za, tv, ta, cond)
+    v_v, v_a = sample(zv, za, tv, ta, cond)
+    t_v = (tv.reshape(B, 1, 1, 1, 1) if tv.ndim == 1 else tv.reshape(B, -1, 1, 1, 1)).clamp(min=0.05)
+    torch.testing.assert_close(v_v, (zv - x0_v) / t_v)
+    torch.testing.assert_close(v_a, (za - x0_a) / ta.reshape(B, 1, 1, 1).clamp(min=0.05))
+    assert torch.isfinite(v_v).all()
+
+
+def test_unknown_prediction_is_refused():
+    with pytest.raises(ValueError, match="prediction must be one of"):
+        make_model(prediction="noise")

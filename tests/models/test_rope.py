@@ -1,10 +1,12 @@
 """RoPE is a real rotation, relative in every axis, and measures time in seconds shared by both modalities."""
 
+import json
+
 import jointdit  # noqa: F401
 import pytest
 import torch
 
-from jointdit.models.rope import JointRope, apply_rope, rotation_table, split_planes
+from jointdit.models.rope import JointRope, apply_rope, band_frequencies, rotation_table, split_planes
 
 HEAD_DIM = 32
 
@@ -96,3 +98,41 @@ def test_time_is_in_seconds_not_token_index():
     tb, _, _ = b.video_positions(4, 1, 1)
     torch.testing.assert_close(ta, tb)
     torch.testing.assert_close(a.angles(ta)[:, : a.planes.time], b.angles(tb)[:, : b.planes.time])
+
+
+def _best_alias(rope: JointRope, positions: int) -> float:
+    """Across offsets 2..positions-1 of the height axis, the highest score of a query with the same vector
+    as key (all planes weighted alike), relative to offset 0: near 1.0 means a far offset looks like none."""
+    q = torch.ones(1, positions, 1, 2 * rope.planes.total)
+    table = rope.video(1, positions, 1)                                    # [N, 1, P]
+    z = torch.view_as_complex(q.unflatten(-1, (-1, 2)))[0, :, 0]           # [N, P]
+    rotated = z * table[:, 0]
+    start = rope.planes.time                                               # the height planes
+    hp = rotated[:, start:start + rope.planes.height]
+    scores = (hp[:1].conj() * hp).real.sum(-1)                             # [N] vs position 0
+    return float(scores[2:].max() / scores[0])
+
+
+def test_space_bands_tell_every_position_of_a_latent_grid_apart():
+    """With the legacy θ = 10000 a tiny head's three height planes alias: an offset of 6 rows scores ~97%
+    of offset 0, so a model cannot tell where an object is. The new default (32) keeps every offset ≥ 2
+    of an 8-, 16- or 32-row grid below 60%."""
+    legacy = JointRope(32, 1 / 8, 4 / 100)
+    new = JointRope(32, 1 / 8, 4 / 100, space_theta=32.0)
+    assert legacy.planes.height == 3
+    assert _best_alias(legacy, 8) > 0.95
+    assert all(_best_alias(new, rows) < 0.6 for rows in (8, 16, 32))
+
+
+def test_new_models_get_the_new_space_bands_and_old_configs_keep_theirs(tmp_path):
+    from jointdit.models import JointDiT, build_model
+
+    model = build_model("tiny", video_in_channels=4, audio_in_channels=1)
+    assert model.config.rope_space_theta == 32.0
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rope_space_theta"]                                          # an export from before the field
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    old = JointDiT.from_pretrained(tmp_path)
+    assert old.config.rope_space_theta == 10000.0
+    torch.testing.assert_close(old.rope.height_freqs, band_frequencies(old.rope.planes.height, 10000.0))
