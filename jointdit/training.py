@@ -27,10 +27,9 @@ from tqdm import tqdm
 from jointdit import checkpoints as ckpt
 from jointdit import guards
 from jointdit import lora
-from jointdit.diffusion import masks
 from jointdit.memory import KNOB_FIELDS
 from jointdit.latents import EXPORT_FORMAT, LatentSpec, spec_for_config
-from jointdit.diffusion.flow import FlowObjective, flow_loss, make_flow_batch, sample_tasks
+from jointdit.diffusion.flow import FlowObjective, flow_loss, make_flow_batch
 from jointdit.models import Condition
 from jointdit.tracking import Tracker, log_dataset, log_model, open_run, run_params
 from jointdit.train_log import LossMeter, format_log_line
@@ -358,7 +357,7 @@ def build(cfg: DictConfig, accelerator, tracker: Tracker, plan: dict[str, Any]) 
     lora_base = None
     if lora.lora_enabled(cfg.stage.get("lora")):  # the adapters' base: init_from's folder, else this model exported once
         lora_base = lora.prepare_base(model, cfg.stage.get("init_from"), Path(cfg.paths.output_dir) / "export" / "base",
-                                      export_meta(cfg, spec, 0), accelerator.is_main_process)
+                                      export_meta(cfg, spec, 0, model.config), accelerator.is_main_process)
     flow_objective = FlowObjective.from_config(cfg.objective, model.config, spec)  # iso modes, timestep shifts
     optimizer, counts = make_optimizer(model, cfg, lora_base)
     scheduler = make_lr_scheduler(optimizer, cfg)
@@ -423,8 +422,9 @@ def resume(run: Run) -> None:
 
 
 def train_step(run: Run, batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
-    """One micro-batch: tasks, flow times, noise and condition dropout drawn from the generator of
-    ``(seed, consumed micro-batches, rank)``; forward, flow loss, backward. On the last micro-batch of
+    """One micro-batch: tasks (every one a conditioning mask), mask spans, flow times, noise, attention
+    modes and condition dropout drawn from the generator of ``(seed, consumed micro-batches, rank)``
+    (:meth:`FlowObjective.batch`); forward, flow loss, backward. On the last micro-batch of
     an accumulation window Accelerate lets the (clipped) optimizer and LR scheduler step. Returns the losses."""
     cfg, accelerator, device = run.cfg, run.accelerator, run.device
     objective = cfg.objective
@@ -432,25 +432,11 @@ def train_step(run: Run, batch: dict[str, Any], micro: int) -> dict[str, torch.T
         generator = step_generator(int(cfg.seed), run.step * accelerator.gradient_accumulation_steps + micro, run.rank,
                                    device)
         video, audio = batch["video"].to(device), batch["audio"].to(device)  # [B,T,C,h,w], [B,C,L,F]
-        task_probs = OmegaConf.to_container(objective.tasks)
-        if masks.uses_masks(task_probs):  # extension / inpainting / single-modality modes (diffusion/masks.py)
-            config = run.raw_model.config
-            flow = masks.training_batch(video, audio, task_probs,
-                                        masks.Geometry.from_spec(run.spec, config.video_patch_size, config.audio_patch_size),
-                                        params=masks.MaskParams.from_config(objective.get("masks")),
-                                        mean=objective.logit_normal_mean, std=objective.logit_normal_std, generator=generator)
-            cond = condition_from_batch(batch, float(objective.drop_text), float(objective.drop_image), generator, device)
-            pred_v, pred_a = run.model(flow.video, flow.audio, flow.t_video, flow.t_audio, cond, flow.attention,
-                                       **latent_times(run.spec))
-            losses = masks.masked_flow_loss(pred_v, pred_a, flow, float(objective.loss_weight_video),
-                                            float(objective.loss_weight_audio))
-        else:
-            tasks = sample_tasks(task_probs, video.shape[0], generator).to(device)
-            flow = run.flow_objective.batch(video, audio, tasks, generator)  # shifted t, per-sample attention modes
-            cond = condition_from_batch(batch, float(objective.drop_text), float(objective.drop_image), generator, device)
-            pred_v, pred_a = run.model(flow.video, flow.audio, flow.t_video, flow.t_audio, cond, flow.modes,
-                                       **latent_times(run.spec))
-            losses = flow_loss(pred_v, pred_a, flow, float(objective.loss_weight_video), float(objective.loss_weight_audio))
+        flow = run.flow_objective.batch(video, audio, generator)  # task masks, shifted t, noise, attention modes
+        cond = condition_from_batch(batch, float(objective.drop_text), float(objective.drop_image), generator, device)
+        pred_v, pred_a = run.model(flow.video, flow.audio, flow.t_video, flow.t_audio, cond, flow.modes,
+                                   **latent_times(run.spec))
+        losses = run.flow_objective.loss(pred_v, pred_a, flow)
         accelerator.backward(losses["loss"])
         if accelerator.sync_gradients and float(cfg.optim.grad_clip) > 0:
             run.grad_norm = float(accelerator.clip_grad_norm_(run.model.parameters(), float(cfg.optim.grad_clip)))
@@ -703,13 +689,16 @@ def cache_clip_settings(cfg: DictConfig) -> dict | None:
     return {k: settings.get(k) for k in ("model", "pretrained", "model_config")} if settings else None
 
 
-def export_meta(cfg: DictConfig, spec: LatentSpec, step: int) -> dict[str, Any]:
-    """``jointdit.json``: the LatentSpec the model was trained on, and every setting that changes the
-    function the model computes (``attention.kv_downsample``), beside the codec/data/CLIP settings."""
+def export_meta(cfg: DictConfig, spec: LatentSpec, step: int, model_config: Any) -> dict[str, Any]:
+    """``jointdit.json`` — the ONE builder of export metadata (full exports, LoRA adapters and their base):
+    the LatentSpec the model was trained on, every setting that changes the function the model computes
+    (``attention.kv_downsample``, the objective's ``iso_prob`` / ``tasks`` / ``timestep_shift``:
+    :meth:`FlowObjective.export_meta`), beside the codec/data/CLIP settings."""
     return {"format": EXPORT_FORMAT, "step": step, "stage": str(cfg.stage.name), "spec": spec.to_json(),
             "attention": {"kv_downsample": int(cfg.vram.kv_downsample)}, "clip": cache_clip_settings(cfg),
             "codec": OmegaConf.to_container(cfg.codec, resolve=True),
-            "data": OmegaConf.to_container(cfg.data, resolve=True)}
+            "data": OmegaConf.to_container(cfg.data, resolve=True),
+            **FlowObjective.from_config(cfg.objective, model_config, spec).export_meta()}
 
 
 def planned_peak(run: Run) -> int:
@@ -723,8 +712,7 @@ def planned_peak(run: Run) -> int:
 def export(model, ema, folder: Path, cfg: DictConfig, spec: LatentSpec, step: int, extra: dict | None = None) -> Path:
     """The model folder for sampling (EMA weights when EMA is on) plus ``jointdit.json`` (:func:`export_meta`);
     a LoRA run exports its adapter in PEFT's format instead, naming its base model."""
-    meta = {**export_meta(cfg, spec, step), **(extra or {})}
-    meta.update(FlowObjective.from_config(cfg.objective, model.config, spec).export_meta())  # iso_prob, timestep_shift
+    meta = {**export_meta(cfg, spec, step, model.config), **(extra or {})}
     if lora.has_lora(model):
         return lora.export_adapter(model, ema, folder, None, meta)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -351,3 +351,20 @@ def test_lora_run_trains_adapters_only_resumes_exactly_and_exports_peft(tmp_path
         for a, b in zip(merged(z_v, z_a, torch.tensor([0.5]), torch.tensor([0.5])),
                         peft_model(z_v, z_a, torch.tensor([0.5]), torch.tensor([0.5]))):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_lora_base_export_carries_what_a_normal_export_carries(compose_cfg, tmp_path):
+    """stage.lora.rank on stage=a without init_from exports the base once (export/base): its jointdit.json is
+    built by the same function as every export, so it carries the objective (iso_prob, tasks, timestep_shift)
+    and everything else the adapter's own export carries — only the step differs."""
+    from jointdit.training import train
+
+    out = tmp_path / "run"
+    train(compose_cfg("train", [*SMALL, "max_steps=1", "logger=none", "checkpoint.every=100", "checkpoint.export=true",
+                                "stage.lora.rank=2", "objective.iso_prob=0.3", f"paths.output_dir={out}"]))
+    base = json.loads((out / "export" / "base" / "jointdit.json").read_text())
+    adapter = json.loads((out / "export" / "last" / "jointdit.json").read_text())
+    assert base["iso_prob"] == 0.3 and base["tasks"] == {"joint": 0.55, "a2v": 0.15, "v2a": 0.15, "i2sv": 0.15}
+    assert base["timestep_shift"]["rule"]["method"] == "sd3" and base["timestep_shift"]["video_tokens"] == 32
+    assert (base["step"], adapter["step"]) == (0, 1)
+    assert {k: v for k, v in base.items() if k != "step"} == {k: v for k, v in adapter.items() if k != "step"}

@@ -104,3 +104,40 @@ def test_resume_continues_the_exact_loss_sequence_in_process(train_cfg, tmp_path
     w1 = load_file(tmp_path / "run" / "export" / "last" / "diffusion_pytorch_model.safetensors")
     w2 = load_file(other / "export" / "last" / "diffusion_pytorch_model.safetensors")
     assert all(torch.allclose(w1[k], w2[k], atol=1e-6) for k in w1)  # EMA weights included
+
+
+def test_train_step_sends_every_task_through_the_one_objective(train_cfg):
+    """A micro-batch with mask modes, iso modes and the timestep shift: what the model receives is exactly the
+    objective's batch for the step's generator (seed, step, rank) — one path for every task, and a step is a
+    pure function of that generator — and the loss is that batch's masked loss."""
+    from jointdit.diffusion.flow import FlowObjective, flow_loss
+    from jointdit.training import build, make_accelerator, reset_accelerate, step_generator, train_step
+    from jointdit.tracking import Tracker
+
+    cfg = train_cfg("max_steps=1", "checkpoint.every=100", "objective.iso_prob=0.5",
+                    "~objective.tasks", "+objective.tasks={extend_a: 1, t2v: 1, i2sv: 1, inpaint_v: 1}")
+    accelerator = make_accelerator(cfg)
+    try:
+        run = build(cfg, accelerator, Tracker(None), {"estimate_bytes": 0, "budget_bytes": 0})
+        seen, outputs = [], []
+        run.model.register_forward_pre_hook(lambda module, args: seen.append(args))
+        run.model.register_forward_hook(lambda module, args, out: outputs.append([o.detach() for o in out]))
+        run.sampler.start(0, 0)
+        batch = next(iter(run.loader))
+        losses = train_step(run, batch, 0)
+        video, audio = batch["video"], batch["audio"]
+        objective = FlowObjective.from_config(cfg.objective, dict(run.raw_model.config), run.spec)
+        expected = objective.batch(video, audio, step_generator(int(cfg.seed), 0, 0, run.device))
+    finally:
+        accelerator.free_memory()
+        reset_accelerate()
+    assert objective.shifts != (1.0, 1.0) and objective.iso_prob == 0.5
+    (z_v, z_a, t_v, t_a, _cond, modes), = seen
+    assert torch.equal(z_v, expected.video) and torch.equal(z_a, expected.audio)
+    assert torch.equal(t_v, expected.t_video) and torch.equal(t_a, expected.t_audio) and modes == expected.modes
+    assert set(expected.tasks) <= {"extend_a", "t2v", "i2sv", "inpaint_v"}
+    (pred_v, pred_a), = outputs
+    want = flow_loss(pred_v, pred_a, expected, float(cfg.objective.loss_weight_video),
+                     float(cfg.objective.loss_weight_audio))
+    assert float(losses["loss"].detach()) == pytest.approx(float(want["loss"]), rel=1e-6)
+    assert all(torch.isfinite(losses[f"loss_{t}"]) for t in set(expected.tasks))

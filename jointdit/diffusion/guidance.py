@@ -38,6 +38,7 @@ its own ``Condition`` rows (per-sample drop flags) and its own ``skip_attention_
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -165,6 +166,14 @@ class JointCFG:
 
     def active(self, branch: str) -> bool:
         return self.weights[branch] != (0.0, 0.0)
+
+    def without(self, branch: str) -> JointCFG:
+        """A copy with ``branch``'s weights set to 0 (so that branch is not computed)."""
+        if branch not in self.weights:
+            raise ValueError(f"unknown guidance branch {branch!r}; choose from {list(self.weights)}")
+        out = copy.copy(self)
+        out.weights = {**self.weights, branch: (0.0, 0.0)}
+        return out
 
     # ------------------------------------------------------------------------------------------
     def branches(self, cond: Condition | None, neg_cond: Condition | None, batch: int) -> list[Branch]:

@@ -35,6 +35,10 @@ the model's patch grid, so no patch mixes given and generated latents and every 
 adaLN sees exactly ``t = 0``. Times follow ``LatentSpec``: latent j of a stream at rate r is centred at
 ``offset + j/r`` and covers ±½/r; "the first k seconds" are the latents wholly inside ``[0, k)`` (then
 narrowed to whole patches), a span to regenerate takes every latent that meets it (widened to patches).
+
+This module only says WHICH latents are given; the noise, timesteps, attention modes and loss on a mask
+are :mod:`jointdit.diffusion.flow` (``make_flow_batch`` / ``flow_loss`` / ``FlowObjective``), and the
+solver that holds the given part is :func:`jointdit.diffusion.sampler.integrate`.
 """
 
 from __future__ import annotations
@@ -46,12 +50,22 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from jointdit.diffusion.flow import TASKS, draw_names, interpolate, sample_t
-
-MODES: tuple[str, ...] = TASKS + ("extend_v", "extend_a", "inpaint_v", "inpaint_a", "t2v", "t2a")
+# Every training task and sampling task. The first four are the tasks the objective had before masks
+# (``flow.TASKS``); each is a mask like the others.
+MODES: tuple[str, ...] = ("joint", "a2v", "v2a", "i2sv", "extend_v", "extend_a", "inpaint_v", "inpaint_a", "t2v", "t2a")
+MASK_TASKS: tuple[str, ...] = MODES[4:]   # the modes that need a Geometry and drawn parameters
 
 # attention restriction each mode imposes: (video may see audio, audio may see video)
 _SEES = {"t2v": (False, True), "t2a": (True, False)}
+# the streams a mode generates or keeps; the other one is absent (no loss, never integrated, not decoded)
+_PRESENT = {"t2v": ("video",), "t2a": ("audio",)}
+
+
+def present_streams(mode: str) -> tuple[str, ...]:
+    """``("video", "audio")``, or the one stream of ``t2v`` (video) / ``t2a`` (audio)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown conditioning mode {mode!r}; choose from {list(MODES)}")
+    return _PRESENT.get(mode, ("video", "audio"))
 _ATTN = {(True, True): "full", (False, True): "iso_v", (True, False): "iso_a", (False, False): "iso"}
 
 
@@ -291,11 +305,6 @@ class MaskParams:
         return cls(**{k: float(v) for k, v in cfg.items()})
 
 
-def sample_modes(probabilities: Mapping[str, float], batch: int, generator: torch.Generator | None = None) -> list[str]:
-    """A mode per sample from ``objective.tasks`` probabilities (normalised; unknown names refused)."""
-    return [MODES[i] for i in draw_names(probabilities, MODES, batch, generator).tolist()]
-
-
 def training_mask(modes: Sequence[str], geometry: Geometry, params: MaskParams = MaskParams(),
                   generator: torch.Generator | None = None) -> ConditionMask:
     """Masks for a training batch: each sample's free parameters drawn from ``generator``."""
@@ -326,81 +335,13 @@ def training_mask(modes: Sequence[str], geometry: Geometry, params: MaskParams =
 
 
 # --------------------------------------------------------------------------------------------------
-# Training objective on a mask
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class MaskedFlowBatch:
-    """Noised inputs, model timesteps, targets and the mask of one training batch."""
-
-    video: Tensor          # [B, Tv, Cv, hv, wv] x_t (given latents = x0 exactly)
-    audio: Tensor          # [B, Ca, La, Fa]
-    t_video: Tensor        # [B, Tv] or [B, Tv·hv·wv]
-    t_audio: Tensor        # [B] or [B, La]
-    target_video: Tensor   # ε − x0
-    target_audio: Tensor
-    mask: ConditionMask
-    attention: list[str]   # per-sample attention mode for the model
-
-
-def make_masked_flow_batch(video: Tensor, audio: Tensor, mask: ConditionMask, mean: float = 0.0, std: float = 1.0,
-                           generator: torch.Generator | None = None, attention: str | Sequence[str] = "full", *,
-                           shift_video: float = 1.0, shift_audio: float = 1.0) -> MaskedFlowBatch:
-    """Noise clean latents under ``mask``: ``t_m = sigmoid(N(mean + ln shift_m, std))`` per sample and
-    modality, then t = 0 on given latents and t = 1 on an absent stream, ``x_t = (1 − t)·x0 + t·ε`` per element.
-
-    Draw order (video t, audio t, video noise, audio noise) matches ``flow.make_flow_batch``. ``attention``:
-    the requested mode(s) (e.g. iso modes drawn by the objective), further restricted by t2v / t2a.
-    """
-    b = video.shape[0]
-    t_v = sample_t(b, mean + math.log(shift_video), std, generator)   # [B]
-    t_a = sample_t(b, mean + math.log(shift_audio), std, generator)   # [B]
-    noise_v = torch.randn(video.shape, generator=generator, device=video.device, dtype=video.dtype)
-    noise_a = torch.randn(audio.shape, generator=generator, device=audio.device, dtype=audio.dtype)
-    mask = mask.to(video.device)
-    model_t_v, model_t_a = mask.timesteps(t_v.to(video.device), t_a.to(video.device))
-    tv, hv, wv = mask.video.shape[1:]
-    elem_t_v = model_t_v.reshape(b, tv, 1, hv, wv) if model_t_v.shape[1] != tv else model_t_v[:, :, None, None, None]
-    elem_t_a = model_t_a[:, None, :, None] if model_t_a.ndim == 2 else model_t_a[:, None, None, None]
-    return MaskedFlowBatch(
-        video=interpolate(video, noise_v, elem_t_v.to(video.dtype)),
-        audio=interpolate(audio, noise_a, elem_t_a.to(audio.dtype)),
-        t_video=model_t_v, t_audio=model_t_a,
-        target_video=noise_v - video, target_audio=noise_a - audio,
-        mask=mask, attention=mask.attention_modes(attention))
-
-
-def masked_flow_loss(pred_video: Tensor, pred_audio: Tensor, batch: MaskedFlowBatch, weight_video: float = 1.0,
-                     weight_audio: float = 1.0) -> dict[str, Tensor]:
-    """``L = w_v·Σ W_v|v̂ − v|² / (Σ W_v·Cv) + w_a·Σ W_a|â − a|² / (Σ W_a·Ca·Fa)`` over generated latents.
-
-    Also each modality's loss and per-mode losses (detached; NaN for a mode absent from the batch).
-    A batch with nothing generated in a modality contributes 0 for it.
-    """
-    w_v, w_a = batch.mask.loss_weights()                                       # [B,Tv,1,hv,wv], [B,1,La,1]
-    se_v = (pred_video.float() - batch.target_video.float()).pow(2) * w_v      # [B, Tv, Cv, hv, wv]
-    se_a = (pred_audio.float() - batch.target_audio.float()).pow(2) * w_a      # [B, Ca, La, Fa]
-    n_v = w_v.expand_as(se_v).sum((1, 2, 3, 4))                                # [B]
-    n_a = w_a.expand_as(se_a).sum((1, 2, 3))                                   # [B]
-    s_v, s_a = se_v.sum((1, 2, 3, 4)), se_a.sum((1, 2, 3))                     # [B]
-    loss_v = s_v.sum() / n_v.sum().clamp_min(1)
-    loss_a = s_a.sum() / n_a.sum().clamp_min(1)
-    out = {"loss": weight_video * loss_v + weight_audio * loss_a, "loss_video": loss_v.detach(),
-           "loss_audio": loss_a.detach()}
-    per_sample = (weight_video * s_v / n_v.clamp_min(1) + weight_audio * s_a / n_a.clamp_min(1)).detach()  # [B]
-    for mode in dict.fromkeys(batch.mask.modes):
-        chosen = torch.tensor([m == mode for m in batch.mask.modes], device=per_sample.device)
-        out[f"loss_{mode}"] = per_sample[chosen].mean()
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Sampling on a mask
+# Sampling on a mask (the solver itself is jointdit.diffusion.sampler.integrate)
 # --------------------------------------------------------------------------------------------------
 class RestrictedModes(torch.nn.Module):
     """Wrap a model so every call's attention modes are restricted by the mask (t2v / t2a isolation).
 
     Guidance batches its branches branch-major (``[branch0 × B, branch1 × B, ...]``), so row ``i`` of a
-    call belongs to sample ``i mod B`` of the mask.
+    call belongs to sample ``i mod B`` of the mask. Without t2v / t2a the modes pass unchanged.
     """
 
     def __init__(self, model: torch.nn.Module, mask: ConditionMask) -> None:
@@ -430,80 +371,3 @@ def expand_mask(mask: ConditionMask, batch: int) -> ConditionMask:
     rep = {f.name: getattr(mask, f.name).expand(batch, *getattr(mask, f.name).shape[1:]).clone()
            for f in fields(mask) if f.name != "modes"}
     return ConditionMask(**rep, modes=mask.modes * batch)
-
-
-@torch.inference_mode()
-def sample_masked(model: torch.nn.Module, noise_video: Tensor, noise_audio: Tensor, mask: ConditionMask, *,
-                  steps: int, given_video: Tensor | None = None, given_audio: Tensor | None = None, guidance=None,
-                  cond=None, neg_cond=None, shift_video: float = 1.0, shift_audio: float = 1.0,
-                  video_times: Tensor | None = None, audio_times: Tensor | None = None,
-                  callback=None) -> tuple[Tensor, Tensor]:
-    """Euler integration of the guided flow ODE from t = 1 to 0 with the mask's given latents held.
-
-    Each step: ``t`` per latent from :meth:`ConditionMask.timesteps` (0 on given latents, 1 on an absent
-    stream), guided velocity ``v̂`` (JointCFG branches through :class:`RestrictedModes`), the scheduler's
-    Euler update ``x ← x + (σ_{i+1} − σ_i)·v̂`` on present streams, then :meth:`ConditionMask.hold` puts the
-    condition back — so given latents equal the condition exactly at every step and at the end.
-    noise [B, ...]; given_video [1|B, Tv, Cv, hv, wv], given_audio [1|B, Ca, La, Fa] (needed where the
-    mask gives latents of that stream); video_times [Tv] / audio_times [La]: latent centre times for the
-    model's RoPE (the LatentSpec's). Returns fp32 ``(z_video, z_audio)``.
-    """
-    from jointdit.diffusion.guidance import JointCFG
-    from jointdit.diffusion.sampler import make_scheduler
-
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
-    b = noise_video.shape[0]
-    mask = expand_mask(mask.to(device), b)
-    for given, flags, what in ((given_video, mask.video, "video"), (given_audio, mask.audio, "audio")):
-        if given is None and bool(flags.any()):
-            raise ValueError(f"modes {sorted(set(mask.modes))} give part of the {what}; pass the encoded "
-                             f"conditioning {what} (condition_{what}=<file>)")
-    gv = None if given_video is None else given_video.to(device, dtype).expand(b, *noise_video.shape[1:])
-    ga = None if given_audio is None else given_audio.to(device, dtype).expand(b, *noise_audio.shape[1:])
-    x_v, x_a = mask.hold(noise_video.to(device, dtype), noise_audio.to(device, dtype), gv, ga)
-    guidance = guidance or JointCFG()
-    cond = None if cond is None else cond.to(device=device)
-    neg_cond = None if neg_cond is None else neg_cond.to(device=device)
-    net = RestrictedModes(model, mask)
-    sched_v, sched_a = make_scheduler(steps, shift_video, device), make_scheduler(steps, shift_audio, device)
-    video_on, audio_on = bool(mask.video_present.any()), bool(mask.audio_present.any())
-    times = {k: v.to(device) for k, v in (("video_times", video_times), ("audio_times", audio_times)) if v is not None}
-    for i in range(int(steps)):
-        sig_v = torch.full((b,), float(sched_v.sigmas[i]), device=device)
-        sig_a = torch.full((b,), float(sched_a.sigmas[i]), device=device)
-        t_v, t_a = mask.timesteps(sig_v, sig_a)
-        pred_v, pred_a = guidance(net, x_v, x_a, t_v, t_a, cond, neg_cond, **times)
-        if video_on:
-            x_v = sched_v.step(pred_v, sched_v.timesteps[i], x_v, return_dict=False)[0]
-        if audio_on:
-            x_a = sched_a.step(pred_a, sched_a.timesteps[i], x_a, return_dict=False)[0]
-        x_v, x_a = mask.hold(x_v, x_a, gv, ga)
-        if callback is not None and callback(i + 1, int(steps)) is True:
-            try:
-                from jointdit.diffusion.sampler import SamplingCancelled
-            except ImportError:  # pragma: no cover - older sampler
-                SamplingCancelled = RuntimeError
-            raise SamplingCancelled(i + 1, int(steps))
-    return x_v.float(), x_a.float()
-
-
-def uses_masks(probabilities: Mapping[str, float]) -> bool:
-    """Whether ``objective.tasks`` gives weight to a mode beyond flow.py's joint/a2v/v2a/i2sv."""
-    return any(float(p) > 0 for name, p in probabilities.items() if name in MASK_TASKS)
-
-
-def training_batch(video: Tensor, audio: Tensor, probabilities: Mapping[str, float], geometry: Geometry, *,
-                   params: MaskParams = MaskParams(), mean: float = 0.0, std: float = 1.0,
-                   generator: torch.Generator | None = None, attention: str | Sequence[str] = "full",
-                   shift_video: float = 1.0, shift_audio: float = 1.0) -> MaskedFlowBatch:
-    """What the trainer calls per micro-batch: draw each sample's mode (``objective.tasks``), its mask
-    (``objective.masks``), then noise under it (:func:`make_masked_flow_batch`). All draws from ``generator``."""
-    modes = sample_modes(probabilities, video.shape[0], generator)
-    mask = training_mask(modes, geometry, params, generator)
-    return make_masked_flow_batch(video, audio, mask, mean, std, generator, attention, shift_video=shift_video,
-                                  shift_audio=shift_audio)
-
-
-# modes beyond flow.py's joint / a2v / v2a / i2sv: training draws them through :func:`training_batch`
-MASK_TASKS: tuple[str, ...] = ("extend_v", "extend_a", "inpaint_v", "inpaint_a", "t2v", "t2a")

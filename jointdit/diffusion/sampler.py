@@ -30,7 +30,20 @@ task           given (clean, fixed)                                      generat
 ``inpaint_v``  video outside ``region`` (top, left, bottom, right          the region / span; all audio
                fractions) or outside ``span`` (start_s, end_s)
 ``inpaint_a``  audio outside ``span``                                    the span; all video
+``t2v``        nothing; the audio is absent (left at its noise, t = 1)    video
+``t2a``        nothing; the video is absent                              audio
 =============  ========================================================  ==========================
+
+One solver for every task (:func:`integrate`): :func:`sample_latents` only turns inputs into a mask and
+its given latents.
+
+Attention in every guidance branch. Each branch's model call goes through
+:class:`~jointdit.diffusion.masks.RestrictedModes`, so a t2v / t2a branch runs with the present stream
+blind to the absent one — ``pos`` in ``iso_v`` (t2v) / ``iso_a`` (t2a), the modes those tasks train in.
+Guidance there means: text, negative-prompt, image and STG terms as usual (each branch restricted the
+same way); JointCFG's iso term is identically 0 (``pos`` is already isolated from the absent stream, so
+``pos − iso`` vanishes for the present one and the absent one is not integrated), so its branch is not
+computed.
 
 Determinism: the initial noise of a seed comes from ``torch.Generator('cpu').manual_seed(seed)``
 (video noise drawn first, then audio, for every task; :func:`initial_noise`), and Euler needs no
@@ -55,12 +68,11 @@ from jointdit.diffusion import masks
 from jointdit.diffusion.guidance import JointCFG
 from jointdit.models.conditioning import Condition
 
-# every conditioning mode of masks.MODES except t2v / t2a (an absent stream needs iso attention in every
-# guidance branch, which the guidance does not offer)
-TASKS: tuple[str, ...] = tuple(m for m in masks.MODES if m not in ("t2v", "t2a"))
+TASKS: tuple[str, ...] = masks.MODES   # every conditioning mode is a sampling task
 MASK_PARAMS: tuple[str, ...] = ("seconds_given", "both", "region", "span")
 
-__all__ = ["TASKS", "MASK_PARAMS", "SamplingCancelled", "make_scheduler", "initial_noise", "sample_latents"]
+__all__ = ["TASKS", "MASK_PARAMS", "SamplingCancelled", "make_scheduler", "initial_noise", "integrate",
+           "sample_latents"]
 
 StepCallback = Callable[[int, int], "bool | None"]
 
@@ -113,8 +125,8 @@ def _check(z: Tensor, shape: tuple[int, ...], what: str) -> Tensor:
 
 
 def condition_mask(model: torch.nn.Module, video_shape: Sequence[int], audio_shape: Sequence[int], task: str,
-                   batch: int = 1, spec: Any = None, **params) -> masks.ConditionMask:
-    """The task's mask on this model's latent grid, ``batch`` rows. Rates and time origins come from
+                   spec: Any = None, **params) -> masks.ConditionMask:
+    """The task's batch-1 mask on this model's latent grid. Rates and time origins come from
     ``spec`` (a :class:`~jointdit.latents.LatentSpec`) when given, else from the model's config (origin 0);
     patch sizes always from the model."""
     cfg = model.config
@@ -123,10 +135,7 @@ def condition_mask(model: torch.nn.Module, video_shape: Sequence[int], audio_sha
     else:
         geometry = masks.Geometry.of(video_shape, audio_shape, cfg.video_latent_fps, cfg.audio_latent_fps,
                                      cfg.video_patch_size, cfg.audio_patch_size)
-    mask = masks.empty_mask(batch, geometry)
-    for i in range(batch):
-        masks.set_mode(mask, i, task, geometry, **params)
-    return mask
+    return masks.sampling_mask(task, geometry, **params)
 
 
 @torch.inference_mode()
@@ -182,50 +191,84 @@ def sample_latents(
     unknown = set(mask_params or {}) - set(MASK_PARAMS)
     if unknown:
         raise ValueError(f"unknown mask parameter(s) {sorted(unknown)}; known: {list(MASK_PARAMS)}")
-    guidance = guidance or JointCFG()
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
     b = noise_v.shape[0]
-    x_v, x_a = noise_v.to(device, dtype), noise_a.to(device, dtype)                     # [B, Tv, Cv, hv, wv], [B, Ca, La, Fa]
-
     if spec is not None and (tuple(spec.video_shape) != video_shape or tuple(spec.audio_shape) != audio_shape):
         raise ValueError(f"spec shapes {spec.video_shape} / {spec.audio_shape} differ from the sampled "
                          f"{video_shape} / {audio_shape}")
-    mask = condition_mask(model, video_shape, audio_shape, task, b, spec, **dict(mask_params or {})).to(device)
+    mask = condition_mask(model, video_shape, audio_shape, task, spec, **dict(mask_params or {}))
     given_v = given_a = None
     if task == "i2sv":
         if first_frame is None:
             raise ValueError("task=i2sv needs the encoded first frame (an image or a reference clip)")
         first_frame = _check(first_frame.reshape(-1, *video_shape[1:]), (b, *video_shape[1:]), "first-frame latent")
-        given_v = first_frame.to(device, dtype)[:, None].expand(b, *video_shape)        # the image, in every frame
+        given_v = first_frame[:, None].expand(b, *video_shape)                          # the image, in every frame
     elif bool(mask.video.any()):
         if video_latent is None:
             raise ValueError(f"task={task} needs the encoded conditioning video")
-        given_v = _check(video_latent, (b, *video_shape), "video latent").to(device, dtype)
+        given_v = _check(video_latent, (b, *video_shape), "video latent")
     if bool(mask.audio.any()):
         if audio_latent is None:
             raise ValueError(f"task={task} needs the encoded conditioning audio")
-        given_a = _check(audio_latent, (b, *audio_shape), "audio latent").to(device, dtype)
-    x_v, x_a = mask.hold(x_v, x_a, given_v, given_a)
-    cond = None if cond is None else _rows(cond.to(device=device), b)
-    neg_cond = None if neg_cond is None else neg_cond.to(device=device)
-
-    sched_v = make_scheduler(steps, shift_video, device)
-    sched_a = make_scheduler(steps, shift_audio, device)
+        given_a = _check(audio_latent, (b, *audio_shape), "audio latent")
     times = {} if spec is None else {"video_times": spec.video_latent_times().float(),
                                      "audio_times": spec.audio_latent_times().float()}
-    all_v, all_a = bool(mask.video.all()), bool(mask.audio.all())
+    return integrate(model, noise_v, noise_a, mask, steps=steps, given_video=given_v, given_audio=given_a,
+                     guidance=guidance, cond=cond, neg_cond=neg_cond, shift_video=shift_video,
+                     shift_audio=shift_audio, callback=callback, **times)
+
+
+@torch.inference_mode()
+def integrate(model: torch.nn.Module, noise_video: Tensor, noise_audio: Tensor, mask: masks.ConditionMask, *,
+              steps: int, given_video: Tensor | None = None, given_audio: Tensor | None = None,
+              guidance: JointCFG | None = None, cond: Condition | None = None, neg_cond: Condition | None = None,
+              shift_video: float = 1.0, shift_audio: float = 1.0, video_times: Tensor | None = None,
+              audio_times: Tensor | None = None, callback: StepCallback | None = None) -> tuple[Tensor, Tensor]:
+    """The ONE solver: Euler integration of the guided flow ODE from t = 1 to 0 with the mask's given
+    latents held, for every task.
+
+    Each step: ``t`` per latent from :meth:`~jointdit.diffusion.masks.ConditionMask.timesteps` (0 on given
+    latents, 1 on an absent stream), the guided velocity ``v̂`` (every branch through
+    :class:`~jointdit.diffusion.masks.RestrictedModes`), the scheduler's Euler update
+    ``x ← x + (σ_{i+1} − σ_i)·v̂`` on present streams, then :meth:`~jointdit.diffusion.masks.ConditionMask.hold`
+    puts the condition back — so given latents equal the condition exactly at every step and at the end,
+    and an absent stream stays at its noise.
+
+    noise [B, ...]; mask: 1 or B rows; given_video [1|B, Tv, Cv, hv, wv], given_audio [1|B, Ca, La, Fa]
+    (needed where the mask gives latents of that stream); cond: 1 or B rows; video_times [Tv] / audio_times
+    [La]: latent centre times for the model's RoPE. Returns fp32 ``(z_video, z_audio)``.
+    """
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    b = noise_video.shape[0]
+    mask = masks.expand_mask(mask.to(device), b)
+    for given, flags, what in ((given_video, mask.video, "video"), (given_audio, mask.audio, "audio")):
+        if given is None and bool(flags.any()):
+            raise ValueError(f"task={'/'.join(sorted(set(mask.modes)))} needs the encoded conditioning {what} "
+                             f"(given_{what}=)")
+    gv = None if given_video is None else given_video.to(device, dtype).expand(b, *noise_video.shape[1:])
+    ga = None if given_audio is None else given_audio.to(device, dtype).expand(b, *noise_audio.shape[1:])
+    x_v, x_a = mask.hold(noise_video.to(device, dtype), noise_audio.to(device, dtype), gv, ga)
+    video_on, audio_on = bool(mask.video_present.any()), bool(mask.audio_present.any())
+    guidance = guidance or JointCFG()
+    if not (video_on and audio_on):  # t2v / t2a: pos is already isolated, the iso term is 0 (module doc)
+        guidance = guidance.without("iso")
+    cond = None if cond is None else _rows(cond.to(device=device), b)
+    neg_cond = None if neg_cond is None else neg_cond.to(device=device)
+    net = masks.RestrictedModes(model, mask)
+    sched_v, sched_a = make_scheduler(steps, shift_video, device), make_scheduler(steps, shift_audio, device)
+    times = {k: v.to(device) for k, v in (("video_times", video_times), ("audio_times", audio_times)) if v is not None}
+    # a stream given entirely needs no update (hold would undo it)
+    step_v, step_a = video_on and not bool(mask.video.all()), audio_on and not bool(mask.audio.all())
     total = int(steps)
     for i in range(total):
-        sig_v, sig_a = float(sched_v.sigmas[i]), float(sched_a.sigmas[i])
-        t_v, t_a = mask.timesteps(torch.full((b,), sig_v, device=device),
-                                  torch.full((b,), sig_a, device=device))              # [B, Tv|Nv], [B] or [B, La]
-        pred_v, pred_a = guidance(model, x_v, x_a, t_v, t_a, cond, neg_cond, **times)
-        if not all_v:
+        t_v, t_a = mask.timesteps(torch.full((b,), float(sched_v.sigmas[i]), device=device),
+                                  torch.full((b,), float(sched_a.sigmas[i]), device=device))  # [B, Tv|Nv], [B|B, La]
+        pred_v, pred_a = guidance(net, x_v, x_a, t_v, t_a, cond, neg_cond, **times)
+        if step_v:
             x_v = sched_v.step(pred_v, sched_v.timesteps[i], x_v, return_dict=False)[0]
-        if not all_a:
+        if step_a:
             x_a = sched_a.step(pred_a, sched_a.timesteps[i], x_a, return_dict=False)[0]
-        x_v, x_a = mask.hold(x_v, x_a, given_v, given_a)
+        x_v, x_a = mask.hold(x_v, x_a, gv, ga)
         if callback is not None and callback(i + 1, total) is True:
             raise SamplingCancelled(i + 1, total)
     return x_v.float(), x_a.float()

@@ -71,26 +71,29 @@ def test_task_masks_clean_parts_are_data_at_t0_without_loss():
     video, audio = clean()
     names = ["joint", "a2v", "v2a", "i2sv", "joint", "a2v"]
     batch = make_flow_batch(video, audio, tasks_of(*names), generator=torch.Generator().manual_seed(3))
+    assert batch.tasks == names
+    w_v, w_a = batch.mask.loss_weights()                         # [B, Tv, 1, h, w], [B, 1, La, 1]
+    frame_counted, clip_counted = w_v.amax(dim=(2, 3, 4)), w_a.amax(dim=(1, 2, 3))  # [B, Tv], [B]
     for i, name in enumerate(names):
         audio_clean = name == "a2v"
         video_clean = name == "v2a"
         if audio_clean:
-            assert float(batch.t_audio[i]) == 0.0 and float(batch.mask_audio[i]) == 0.0
+            assert float(batch.t_audio[i]) == 0.0 and float(clip_counted[i]) == 0.0
             assert torch.equal(batch.audio[i], audio[i])
         else:
-            assert 0 < float(batch.t_audio[i]) < 1 and float(batch.mask_audio[i]) == 1.0
+            assert 0 < float(batch.t_audio[i]) < 1 and torch.all(w_a[i] == 1)
             assert not torch.allclose(batch.audio[i], audio[i])
         if video_clean:
-            assert torch.all(batch.t_video[i] == 0) and torch.all(batch.mask_video[i] == 0)
+            assert torch.all(batch.t_video[i] == 0) and torch.all(w_v[i] == 0)
             assert torch.equal(batch.video[i], video[i])
         elif name == "i2sv":
-            assert float(batch.t_video[i, 0]) == 0.0 and float(batch.mask_video[i, 0]) == 0.0
+            assert float(batch.t_video[i, 0]) == 0.0 and torch.all(w_v[i, 0] == 0)
             assert torch.equal(batch.video[i, 0], video[i, 0])
             assert torch.all(batch.t_video[i, 1:] == batch.t_video[i, 1]) and 0 < float(batch.t_video[i, 1]) < 1
-            assert torch.all(batch.mask_video[i, 1:] == 1)
+            assert torch.all(frame_counted[i, 1:] == 1) and torch.all(w_v[i, 1:] == 1)
         else:
             assert torch.all(batch.t_video[i] == batch.t_video[i, 0]) and 0 < float(batch.t_video[i, 0]) < 1
-            assert torch.all(batch.mask_video[i] == 1)
+            assert torch.all(w_v[i] == 1)
 
 
 def test_flow_loss_is_the_masked_mse_and_ignores_clean_parts():
@@ -166,7 +169,8 @@ def test_flow_objective_from_config_shifts_times_and_export():
     validation batch with the fixed (unshifted, all-full) distribution, and the export entry."""
     from types import SimpleNamespace
 
-    spec = SimpleNamespace(video_shape=(16, 48, 8, 8), audio_shape=(1, 200, 64),
+    spec = SimpleNamespace(video_shape=(16, 48, 8, 8), audio_shape=(1, 200, 64), video_latent_fps=8.0,
+                           audio_latent_fps=100.0, video_time_offset=0.0, audio_time_offset=0.0,
                            video_latent_times=lambda: torch.arange(16, dtype=torch.float64) / 8,
                            audio_latent_times=lambda: torch.arange(200, dtype=torch.float64) / 100)
     model_config = {"video_patch_size": (1, 1, 1), "audio_patch_size": (4, 16)}
@@ -178,13 +182,13 @@ def test_flow_objective_from_config_shifts_times_and_export():
     assert torch.equal(obj.model_kwargs()["video_times"], spec.video_latent_times())
     meta = obj.export_meta()
     assert meta["iso_prob"] == {"iso": 0.2} and meta["timestep_shift"]["shift_video"] == pytest.approx(2.0)
+    assert meta["tasks"] == {"joint": 1.0}  # no objective.tasks: joint only
     n = 2000
     video, audio = torch.zeros(n, 1, 1, 1, 1), torch.zeros(n, 1, 1, 1)
-    tasks = torch.zeros(n, dtype=torch.long)
-    train = obj.batch(video, audio, tasks, torch.Generator().manual_seed(0))
+    train = obj.batch(video, audio, torch.Generator().manual_seed(0))
     assert float(torch.logit(train.t_video[:, 0].double()).mean()) == pytest.approx(math.log(2.0), abs=0.07)
     assert 0.15 < train.modes.count("iso") / n < 0.25
-    val = obj.validation_batch(video, audio, tasks, torch.Generator().manual_seed(0))
+    val = obj.validation_batch(video, audio, torch.Generator().manual_seed(0))
     assert abs(float(torch.logit(val.t_video[:, 0].double()).mean())) < 0.07 and set(val.modes) == {"full"}
     # no timestep_shift in the config: shift 1
     assert FlowObjective.from_config({"iso_prob": 0.0}, model_config, spec).shifts == (1.0, 1.0)

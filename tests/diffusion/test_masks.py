@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from jointdit.diffusion import masks as M
+from jointdit.diffusion.flow import MODES, flow_loss, make_flow_batch, sample_tasks
+from jointdit.diffusion.sampler import integrate
 from jointdit.models import build_model
 
 # 1 s clip: 8 latent video frames of 4x4 at 8 fps, 100 audio steps at 100 Hz of 16 mel bins
@@ -59,7 +61,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="unknown conditioning mode"):
         M.sampling_mask("outpaint", GEOM)
     with pytest.raises(ValueError, match="unknown training task"):
-        M.sample_modes({"joint": 1, "extnd_v": 1}, 4)
+        sample_tasks({"joint": 1, "extnd_v": 1}, 4)
     with pytest.raises(ValueError, match="unknown objective.masks"):
         M.MaskParams.from_config({"extend_minn": 0.1})
 
@@ -69,7 +71,7 @@ def test_training_batch_given_is_clean_and_outside_the_loss(mode):
     g = torch.Generator().manual_seed(3)
     x0_v, x0_a = torch.randn(VIDEO, generator=g), torch.randn(AUDIO, generator=g)
     mask = M.training_mask([mode, mode], GEOM, M.MaskParams(), torch.Generator().manual_seed(5))
-    fb = M.make_masked_flow_batch(x0_v, x0_a, mask, generator=torch.Generator().manual_seed(7))
+    fb = make_flow_batch(x0_v, x0_a, mask, generator=torch.Generator().manual_seed(7))
     gv = mask.video[:, :, None].expand(VIDEO)                      # [B, Tv, Cv, hv, wv]
     ga = mask.audio[:, None, :, None].expand(AUDIO)                 # [B, Ca, La, Fa]
     assert torch.equal(fb.video[gv], x0_v[gv]) and torch.equal(fb.audio[ga], x0_a[ga])  # x_t = x0 exactly
@@ -86,25 +88,26 @@ def test_training_batch_given_is_clean_and_outside_the_loss(mode):
 
     # the loss ignores predictions on given / absent latents and counts the rest
     pred_v, pred_a = torch.randn(VIDEO, generator=g), torch.randn(AUDIO, generator=g)
-    base = M.masked_flow_loss(pred_v, pred_a, fb)["loss"]
+    base = flow_loss(pred_v, pred_a, fb)["loss"]
     w_v, w_a = mask.loss_weights()
     ignored_v, ignored_a = w_v.expand(VIDEO) == 0, w_a.expand(AUDIO) == 0
-    moved = M.masked_flow_loss(pred_v + 100 * ignored_v, pred_a + 100 * ignored_a, fb)["loss"]
+    moved = flow_loss(pred_v + 100 * ignored_v, pred_a + 100 * ignored_a, fb)["loss"]
     assert torch.equal(base, moved)
     if (~ignored_v).any():
-        assert not torch.equal(base, M.masked_flow_loss(pred_v + 1.0 * ~ignored_v, pred_a, fb)["loss"])
+        assert not torch.equal(base, flow_loss(pred_v + 1.0 * ~ignored_v, pred_a, fb)["loss"])
     # an independent oracle of the loss: masked mean per modality
     sv = ((pred_v - (fb.target_video)) ** 2)[~ignored_v]
     sa = ((pred_a - (fb.target_audio)) ** 2)[~ignored_a]
     oracle = (sv.mean() if sv.numel() else 0.0) + (sa.mean() if sa.numel() else 0.0)
     torch.testing.assert_close(base, torch.as_tensor(oracle, dtype=base.dtype), rtol=1e-5, atol=1e-6)
     if mode == "t2v":
-        assert fb.attention == ["iso_v", "iso_v"] and (fb.t_audio == 1).all()
+        assert fb.modes == ["iso_v", "iso_v"] and (fb.t_audio == 1).all()
         torch.testing.assert_close(fb.audio, fb.target_audio + x0_a)  # absent stream: pure noise (t = 1)
 
 
 def test_modes_are_drawn_by_probability():
-    modes = M.sample_modes({"joint": 0.5, "extend_a": 0.5, "t2v": 0.0}, 4000, torch.Generator().manual_seed(0))
+    modes = [MODES[i] for i in sample_tasks({"joint": 0.5, "extend_a": 0.5, "t2v": 0.0}, 4000,
+                                            torch.Generator().manual_seed(0)).tolist()]
     assert set(modes) == {"joint", "extend_a"} and abs(modes.count("joint") / 4000 - 0.5) < 0.03
 
 
@@ -201,7 +204,7 @@ def test_sample_masked_holds_the_condition_with_guidance_batches(mode, params):
     given_v, given_a = torch.randn(1, *VIDEO[1:], generator=g), torch.randn(1, *AUDIO[1:], generator=g)
     noise = torch.randn(2, *VIDEO[1:], generator=g), torch.randn(2, *AUDIO[1:], generator=g)   # two seeds
     mask = M.sampling_mask(mode, GEOM, **params)
-    z_v, z_a = M.sample_masked(model, *noise, mask, steps=3, given_video=given_v, given_audio=given_a,
+    z_v, z_a = integrate(model, *noise, mask, steps=3, given_video=given_v, given_audio=given_a,
                                guidance=JointCFG(w_v=1.2, w_a=1.2))
     gv = mask.video[:, :, None].expand(2, *VIDEO[1:])
     ga = mask.audio[:, None, :, None].expand(2, *AUDIO[1:])
@@ -219,7 +222,7 @@ def test_t2v_and_t2a_are_blind_to_the_absent_stream():
     nv, na = torch.randn(1, *VIDEO[1:], generator=g), torch.randn(1, *AUDIO[1:], generator=g)
     other_v, other_a = torch.randn(1, *VIDEO[1:], generator=g), torch.randn(1, *AUDIO[1:], generator=g)
     guidance = JointCFG(w_v=1.2, w_a=1.2)
-    run = lambda mode, v, a: M.sample_masked(model, v, a, M.sampling_mask(mode, GEOM), steps=3, guidance=guidance)  # noqa: E731
+    run = lambda mode, v, a: integrate(model, v, a, M.sampling_mask(mode, GEOM), steps=3, guidance=guidance)  # noqa: E731
     v1, a1 = run("t2v", nv, na)
     v2, a2 = run("t2v", nv, other_a)
     assert torch.equal(v1, v2) and torch.equal(a1, na) and torch.equal(a2, other_a)   # absent audio untouched

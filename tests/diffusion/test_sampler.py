@@ -13,7 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import AUDIO_SHAPE, VIDEO_SHAPE  # noqa: E402
+from conftest import AUDIO_SHAPE, VIDEO_SHAPE, random_condition  # noqa: E402
 
 from jointdit.diffusion.guidance import JointCFG  # noqa: E402
 from jointdit.diffusion.sampler import SamplingCancelled, initial_noise, sample_latents  # noqa: E402
@@ -166,8 +166,6 @@ def test_bad_inputs_are_named(tiny_loaded):
     with pytest.raises(ValueError, match="extend_v needs seconds_given > 0"):
         sample_latents(tiny_loaded, VIDEO_SHAPE, AUDIO_SHAPE, steps=1, seed=0, task="extend_v",
                        video_latent=torch.zeros(1, *VIDEO_SHAPE))
-    with pytest.raises(ValueError, match="unknown task 't2v'"):
-        sample_latents(tiny_loaded, VIDEO_SHAPE, AUDIO_SHAPE, steps=1, seed=0, task="t2v")
     with pytest.raises(ValueError, match="unknown task 'x2y'"):
         sample_latents(tiny_loaded, VIDEO_SHAPE, AUDIO_SHAPE, steps=1, seed=0, task="x2y")
     with pytest.raises(ValueError, match="a2v needs the encoded conditioning audio"):
@@ -177,3 +175,49 @@ def test_bad_inputs_are_named(tiny_loaded):
                        audio_latent=torch.zeros(1, 1, 50, 64))
     with pytest.raises(ValueError, match="exactly one of seed"):
         sample_latents(tiny_loaded, VIDEO_SHAPE, AUDIO_SHAPE, steps=1)
+
+
+@torch.inference_mode()
+@pytest.mark.parametrize("task", ["t2v", "t2a"])
+def test_single_stream_tasks_isolate_every_guidance_branch(task, tiny_loaded):
+    """t2v / t2a: every branch runs with the present stream blind to the absent one (t2v: ``iso_v``, t2a:
+    ``iso_a``), the absent stream stays at its noise with t = 1, and JointCFG's iso branch (identically 0
+    there) is not computed. Oracle, written out: Euler on ``pos + w_txt·(pos − no_text)`` with both model
+    calls made one at a time in the isolated mode."""
+    w_txt, steps, seed = 2.0, 2, 7
+    cond = random_condition(1, seed=3)
+    rows: list[tuple[int, object]] = []
+
+    class Recording(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, z_v, z_a, t_v, t_a, c=None, mode="full", **kw):
+            rows.append((z_v.shape[0], [mode] * z_v.shape[0] if isinstance(mode, str) else list(mode)))
+            return self.inner(z_v, z_a, t_v, t_a, c, mode, **kw)
+
+    zv, za = sample_latents(Recording(tiny_loaded), VIDEO_SHAPE, AUDIO_SHAPE, steps=steps, seed=seed, task=task,
+                            guidance=JointCFG(w_v=1.5, w_a=1.5, w_txt=w_txt), cond=cond)
+    isolated = "iso_v" if task == "t2v" else "iso_a"
+    assert rows == [(2, [isolated] * 2)] * steps  # pos + no_text as one batch; no iso branch
+    xv, xa = initial_noise(VIDEO_SHAPE, AUDIO_SHAPE, seed)
+    noise_v, noise_a = xv.clone(), xa.clone()
+    ts = torch.linspace(1, 0, steps + 1)
+    no_text = random_condition(1, seed=3)
+    no_text.drop_text = torch.ones(1, dtype=torch.bool)
+    cond.drop_text, cond.drop_image = torch.zeros(1, dtype=torch.bool), torch.zeros(1, dtype=torch.bool)
+    no_text.drop_image = torch.zeros(1, dtype=torch.bool)
+    for i in range(steps):
+        t_v = torch.full((1, VIDEO_SHAPE[0]), float(ts[i])) if task == "t2v" else torch.ones(1, VIDEO_SHAPE[0])
+        t_a = torch.full((1,), float(ts[i])) if task == "t2a" else torch.ones(1)
+        pos = tiny_loaded(xv, xa, t_v, t_a, cond, isolated)
+        drop = tiny_loaded(xv, xa, t_v, t_a, no_text, isolated)
+        guided = [p + w_txt * (p - d) for p, d in zip(pos, drop)]
+        if task == "t2v":
+            xv = xv + (ts[i + 1] - ts[i]) * guided[0]
+        else:
+            xa = xa + (ts[i + 1] - ts[i]) * guided[1]
+    torch.testing.assert_close(zv, xv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(za, xa, atol=1e-5, rtol=1e-5)
+    assert torch.equal(za if task == "t2v" else zv, noise_a if task == "t2v" else noise_v)  # the absent stream
