@@ -1,12 +1,16 @@
 """A small evaluation inside a training run (``eval.every`` in conf/train.yaml).
 
 Every ``eval.every`` optimizer steps and at the last step, the trainer exports the current weights and
-calls :meth:`TrainingEvaluator.__call__`: ``eval.num_clips`` clips per task in ``eval.tasks`` are
-sampled with ``eval.steps`` ODE steps on held-out conditions (fixed seeds, so steps compare like with
-like), scored beside the same held-out real clips, and logged to the run:
+calls :meth:`TrainingEvaluator.__call__`: ``eval.num_clips`` clips per task in ``eval.tasks`` (any
+sampler task: joint, i2sv, a2v, v2a, extend_v, extend_a, inpaint_v, inpaint_a, t2v, t2a; the mask modes
+take ``eval.given_fraction`` / ``eval.span_fraction`` of each held-out clip) are sampled with
+``eval.steps`` ODE steps on held-out conditions (fixed seeds, so steps compare like with like), scored
+beside the same held-out real clips (:mod:`jointdit.evaluate.sampling`), and logged to the run:
 
 - metrics ``eval/<task>/<figure>`` and the references ``eval/ceiling``, ``eval/floor`` at that step;
-- the first sample (MP4 with sound) and its frame-strip + spectrogram PNG under ``eval/step_NNNNNN/``.
+- per task, its first sample and a PNG under ``eval/step_NNNNNN/``: the MP4 with sound and the sync
+  figure (frames + spectrogram with onsets and video events); t2v an MP4 without sound and its frame
+  strip, t2a a WAV and its spectrogram.
 
 The real clips are read once (at the model's geometry) and analysed once per evaluator.
 """
@@ -32,10 +36,12 @@ class TrainingEvaluator:
 
         self.cfg = cfg
         ev = to_plain(cfg.eval)
-        self.plan = SamplingPlan(tasks=tuple(ev.get("tasks") or ("joint",)), num_clips=int(ev.get("num_clips", 4)),
-                                 seed=int(ev.get("seed", 0)), steps=int(ev.get("steps", 10)),
-                                 guidance=ev.get("guidance") or to_plain(cfg.get("guidance")) or "jointcfg")
-        SamplingPlan.from_config(self.plan.__dict__)  # the same checks as the evaluate CLI's
+        plan = {"tasks": ev.get("tasks") or ["joint"], "num_clips": int(ev.get("num_clips", 4)),
+                "seed": int(ev.get("seed", 0)), "steps": int(ev.get("steps", 10))}
+        plan.update({k: ev[k] for k in ("given_fraction", "span_fraction") if ev.get(k) is not None})
+        # the same checks as the evaluate CLI's
+        self.plan = SamplingPlan.from_config(plan, guidance=ev.get("guidance") or to_plain(cfg.get("guidance"))
+                                             or "jointcfg")
         self.settings = DetectorSettings.from_config(ev.get("detector"))
         self.num_real = int(ev.get("num_real", 8))
         self._real: tuple[Any, ...] | None = None  # (geometry key, clips, events, captions)
@@ -68,14 +74,24 @@ class TrainingEvaluator:
                                                   with_distances=min(len(real), self.plan.num_clips) >= 2)
         summary = combined_summary(reports)
         tracker.log_metrics({f"eval/{k}": v for k, v in summary.items()}, step)
-        task = self.plan.tasks[0]
-        clip, analysis = generated[task][0], reports[task].generated[0]
-        png = plot_sync(clip.frames, clip.wave, clip.sample_rate, clip.fps, analysis.onsets, analysis.events,
-                        out_dir / f"{analysis.name}.png", self.settings,
-                        title=f"step {step}, {task}: onsets (solid), video events (dashed)")
         folder = f"eval/step_{step:06d}"
-        tracker.log_artifact(clip.path, folder)
-        tracker.log_artifact(png, folder)
+        for task in self.plan.tasks:
+            clip, analysis = generated[task][0], reports[task].generated[0]
+            tracker.log_artifact(clip.path, folder)
+            tracker.log_artifact(self._figure(clip, analysis, out_dir, step, task), folder)
         log.info("eval at step %d: %s", step, ", ".join(f"{k}={v:.3f}" for k, v in summary.items()
                                                          if k.endswith(("/sync", "/sync_gated", "_f1"))))
         return summary
+
+    def _figure(self, clip, analysis, out_dir: Path, step: int, task: str) -> Path:
+        """The sync PNG of a two-stream clip; a single-stream clip's own panel (frames or spectrogram)."""
+        title = f"step {step}, {task}"
+        if clip.meta.get("absent"):
+            from jointdit.io.outputs import write_preview
+
+            video_only = "audio" in clip.meta["absent"]
+            return write_preview(out_dir / f"{analysis.name}.png", clip.frames if video_only else None,
+                                 None if video_only else clip.wave, clip.sample_rate, title=title)
+        return plot_sync(clip.frames, clip.wave, clip.sample_rate, clip.fps, analysis.onsets, analysis.events,
+                         out_dir / f"{analysis.name}.png", self.settings,
+                         title=f"{title}: onsets (solid), video events (dashed)")

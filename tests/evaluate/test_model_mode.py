@@ -97,8 +97,11 @@ def test_sampling_plan_rejects_unknown_tasks_and_keys():
     from jointdit.errors import ConfigError
     from jointdit.evaluate.sampling import SamplingPlan
 
-    with pytest.raises(ConfigError, match="t2v"):
-        SamplingPlan.from_config({"tasks": ["joint", "t2v"]})
+    with pytest.raises(ConfigError, match="t2x"):
+        SamplingPlan.from_config({"tasks": ["joint", "t2x"]})
+    assert SamplingPlan.from_config({"tasks": ["t2v", "extend_a"]}).tasks == ("t2v", "extend_a")  # every sampler task
+    with pytest.raises(ConfigError, match="span_fraction"):
+        SamplingPlan.from_config({"span_fraction": [0.6, 0.2]})
     with pytest.raises(ConfigError, match="num_clip"):
         SamplingPlan.from_config({"num_clip": 3})
     assert SamplingPlan.from_config({"tasks": "v2a"}).tasks == ("v2a",)
