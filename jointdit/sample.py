@@ -41,6 +41,7 @@ import torch
 from omegaconf import DictConfig
 
 from jointdit.config import CONFIG_DIR, register_resolvers
+from jointdit.diffusion import masks
 from jointdit.diffusion.sampler import TASKS, SamplingCancelled, sample_latents
 from jointdit.errors import ConfigError
 from jointdit.io.outputs import OUTPUT_KINDS
@@ -53,7 +54,7 @@ __all__ = ["Session", "SampleRequest", "Sample", "SampleResult", "SamplingCancel
            "sample_to_files", "decode_video", "main"]
 
 TASK_INPUTS = {"joint": "", "i2sv": "image= or reference=", "a2v": "audio=", "v2a": "video=", "extend_v": "video=",
-               "extend_a": "audio=", "inpaint_v": "video=", "inpaint_a": "audio="}
+               "extend_a": "audio=", "inpaint_v": "video=", "inpaint_a": "audio=", "t2v": "", "t2a": ""}
 VIDEO_TASKS = ("v2a", "extend_v", "inpaint_v")     # an input video is (partly) kept
 AUDIO_TASKS = ("a2v", "extend_a", "inpaint_a")     # an input sound is (partly) kept
 
@@ -143,7 +144,8 @@ def _load_clip(clip: Any, meta: dict, model, device: torch.device):
 def load_session(checkpoint: str | Path, *, device: str | torch.device | None = None, vram: Mapping | None = None,
                  codec: Mapping | tuple | None = None, clip: Any = None, kv_downsample: int | None = None,
                  spec: Any = None, cache_dir: str | Path | None = None, adapters: Any = None,
-                 merge_adapters: bool = False) -> Session:
+                 merge_adapters: bool = False, check_memory: bool = True,
+                 plan_for: SampleRequest | None = None) -> Session:
     """Load an exported model folder (``config.json`` + weights + ``jointdit.json``) or a training
     checkpoint for sampling.
 
@@ -159,6 +161,11 @@ def load_session(checkpoint: str | Path, *, device: str | torch.device | None = 
     adapters       LoRA adapter folders to add, each ``path``, ``"path:scale"`` or ``{path, scale}``
                    (:func:`jointdit.lora.parse_adapters`); a ``checkpoint`` that is itself an adapter folder
                    loads its base with it merged. merge_adapters: fold them into the weights
+    check_memory   check the memory plan BEFORE anything is loaded (:func:`jointdit.memory.check_sampling_plan`:
+                   model, adapters, codecs, CLIP, the guided forward, decoding, against ``vram.budget_gb`` or
+                   the device's memory); a plan that cannot fit raises ``MemoryPlanError`` naming the knob
+    plan_for       the request the session will serve, sizing that plan (its guidance rows, ``batch_size``,
+                   ``max_t``); None: the planner's default of 3 guidance rows, one seed at a time
     """
     from jointdit import checkpoints
     from jointdit.codecs import build_codecs
@@ -167,6 +174,8 @@ def load_session(checkpoint: str | Path, *, device: str | torch.device | None = 
     ckpt = Path(checkpoint).expanduser()
     device = resolve_device(device)
     vram = _plain(vram) or {}
+    if check_memory:
+        _check_plan(ckpt, device, vram, codec, clip, spec, adapters, kv_downsample, plan_for)
     model = checkpoints.load_model(ckpt)
     if adapters:
         from jointdit import lora
@@ -208,6 +217,24 @@ def load_session(checkpoint: str | Path, *, device: str | torch.device | None = 
     return session
 
 
+def _check_plan(ckpt: Path, device: torch.device, vram: dict, codec: Any, clip: Any, spec: Any, adapters: Any,
+                kv_downsample: int | None, request: SampleRequest | None) -> None:
+    """:func:`jointdit.memory.check_sampling_plan` for what :func:`load_session` is about to load."""
+    from jointdit import checkpoints
+    from jointdit.memory import check_sampling_plan
+
+    plan_kw: dict[str, Any] = {}
+    if request is not None:
+        iso_prob = checkpoints.load_export_meta(ckpt).get("iso_prob") if ckpt.is_dir() else None
+        plan_kw = {"branches": _guidance(request.guidance, iso_prob, quiet=True), "batch_size": int(request.batch_size),
+                   "max_t": int(request.max_t or 0)}
+    clip = _plain(clip)
+    codec = codec if isinstance(codec, tuple) else _plain(codec)
+    knobs = {**vram, **({} if kv_downsample is None else {"kv_downsample": int(kv_downsample)})}
+    check_sampling_plan(ckpt, device=device, vram=knobs, codec=codec, spec=_plain(spec), adapters=adapters,
+                        clip=clip if clip is None or clip is False or isinstance(clip, Mapping) else None, **plan_kw)
+
+
 def _check_fits(model, g: LatentSpec) -> None:
     cfg = model.config
     if g.video_shape[1] != cfg.video_in_channels or g.audio_shape[0] != cfg.audio_in_channels:
@@ -223,7 +250,8 @@ def _check_fits(model, g: LatentSpec) -> None:
 class SampleRequest:
     """What to generate. Inputs may be file paths or data in memory (see :mod:`jointdit.io.conditions`).
 
-    task             joint | i2sv | a2v | v2a
+    task             joint | i2sv | a2v | v2a | extend_v | extend_a | inpaint_v | inpaint_a | t2v | t2a
+                     (t2v: video alone, audio absent; t2a: audio alone — see :func:`generate` for their files)
     image            i2sv: an image file, PIL image, ``[H,W,3]`` uint8 array or ``[3,H,W]`` tensor in [-1, 1]
     reference        i2sv: an MP4 or a cached clip id (of the model's latent cache); its first frame is the image
     audio            a2v: a WAV/FLAC/OGG/MP4 file, a wave ``[N]`` at the model's rate, or ``(rate, samples)``
@@ -272,13 +300,13 @@ class SampleRequest:
 
 @dataclass
 class Sample:
-    """One seed's output."""
+    """One seed's output. The stream a task leaves absent (t2v's audio, t2a's video) is None."""
 
     seed: int
-    frames: torch.Tensor                  # [T, 3, H, W] in [-1, 1]
-    wave: torch.Tensor                    # [N] in [-1, 1]
-    z_video: torch.Tensor                 # [Tv, Cv, hv, wv] the sampled latent (model space)
-    z_audio: torch.Tensor                 # [Ca, La, Fa]
+    frames: torch.Tensor | None           # [T, 3, H, W] in [-1, 1]
+    wave: torch.Tensor | None             # [N] in [-1, 1]
+    z_video: torch.Tensor | None          # [Tv, Cv, hv, wv] the sampled latent (model space)
+    z_audio: torch.Tensor | None          # [Ca, La, Fa]
     fps: float
     sample_rate: int
     files: dict[str, Path] = field(default_factory=dict)   # kind → path (mp4, video_mp4, wav, png)
@@ -311,11 +339,11 @@ class SampleResult:
     folder: Path | None = None
 
     @property
-    def frames(self) -> torch.Tensor:
+    def frames(self) -> torch.Tensor | None:
         return self.samples[0].frames
 
     @property
-    def wave(self) -> torch.Tensor:
+    def wave(self) -> torch.Tensor | None:
         return self.samples[0].wave
 
     @property
@@ -351,10 +379,16 @@ def _seeds(seeds: Any) -> list[int]:
     return out
 
 
-def _guidance(g: Any, iso_prob: Any = None):
+def _guidance(g: Any, iso_prob: Any = None, quiet: bool = False):
     """A JointCFG, a guidance config mapping, or a ``conf/guidance`` name → a JointCFG (``iso_prob``: the
-    export's, so iso weights of a model that never learned them are zeroed)."""
+    export's, so iso weights of a model that never learned them are zeroed; ``quiet``: without the warnings
+    of building it, when it only sizes a memory plan)."""
     from jointdit.diffusion.guidance import JointCFG, build_guidance
+
+    if quiet:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _guidance(g, iso_prob)
 
     if isinstance(g, JointCFG):
         return g
@@ -508,6 +542,13 @@ def generate(session: Session, request: SampleRequest,
              progress: Callable[[int, int], bool | None] | None = None) -> SampleResult:
     """Sample every seed of ``request``; decode; write the files when ``request.out_dir`` is set.
 
+    Every task goes through the one solver (:func:`jointdit.diffusion.sampler.integrate`). ``t2v`` / ``t2a``
+    generate one stream with the other absent: it is neither decoded nor written (``frames`` / ``wave`` /
+    ``z_*`` of that stream are None). t2v writes ``mp4`` as a video WITHOUT an audio track (silence would
+    claim the model generated silence; ``video_mp4`` would be the same file, so it is not written), no WAV,
+    and the PNG shows the frames only; t2a writes the WAV and a spectrogram PNG, no MP4. A task missing
+    from the export's ``tasks`` (the training mix) is sampled with a warning.
+
     ``progress(done, total)`` is called after every solver step (``total = steps · len(seeds)``);
     returning True cancels: :class:`SamplingCancelled` is raised and nothing is written (the call's
     folder is removed again). Output folder problems (an existing ``name``) are raised before sampling.
@@ -527,6 +568,7 @@ def generate(session: Session, request: SampleRequest,
         entry = cache_entry(ref, session.cache_dir)   # its stored first frame is the image
     guidance = _guidance(request.guidance, session.meta.get("iso_prob"))
     shift_video, shift_audio = _shifts(session, geometry, request)
+    _warn_untrained(task, session.meta)
 
     folder = None
     if request.out_dir is not None:
@@ -554,15 +596,18 @@ def generate(session: Session, request: SampleRequest,
         samples = []
         if folder is not None:
             _write_request(folder / "request.json", session, request, geometry, guidance, (shift_video, shift_audio))
+        video_on, audio_on = (stream in masks.present_streams(task) for stream in ("video", "audio"))
         for seed, (z_v, z_a) in zip(seeds, latents):
             frames, wave = _decode(session, geometry, task, z_v[None], z_a[None])
+            z_v, z_a = (z_v if video_on else None), (z_a if audio_on else None)
             files = {}
             if folder is not None:
                 files = write_sample(folder, f"{task}_seed{seed:03d}_steps{steps}", frames, wave, geometry.fps,
                                      geometry.sample_rate, title=f"{task} seed {seed} steps {steps}",
                                      kinds=request.outputs)
                 log.info("seed %d: %s", seed, ", ".join(str(p) for p in files.values()))
-            samples.append(Sample(seed, frames, wave, z_v.cpu(), z_a.cpu(), geometry.fps, geometry.sample_rate, files))
+            samples.append(Sample(seed, frames, wave, None if z_v is None else z_v.cpu(),
+                                  None if z_a is None else z_a.cpu(), geometry.fps, geometry.sample_rate, files))
     except BaseException:
         if folder is not None and not any(folder.iterdir()):
             shutil.rmtree(folder, ignore_errors=True)
@@ -598,18 +643,33 @@ def _write_request(path: Path, session: Session, request: SampleRequest, spec: L
     write_text(path, json.dumps(record, indent=1, default=str))
 
 
+def _warn_untrained(task: str, meta: Mapping[str, Any]) -> None:
+    """Warn when the export names its training task mix and ``task`` had no weight in it."""
+    trained = meta.get("tasks")
+    if trained and float(trained.get(task, 0.0)) <= 0:
+        warnings.warn(f"the model was not trained on task {task} (its objective.tasks: {dict(trained)}); "
+                      f"the sample may be poor — train with {task} in objective.tasks", stacklevel=3)
+
+
 @torch.inference_mode()
 def _decode(session: Session, geometry: LatentSpec, task: str, z_v: torch.Tensor, z_a: torch.Tensor):
-    """Model-space latents ``[1, ...]`` → ``(frames [T,3,H,W], wave [N])`` in [-1, 1]."""
+    """Model-space latents ``[1, ...]`` → ``(frames [T,3,H,W], wave [N])`` in [-1, 1]; the stream the task
+    leaves absent (t2v's audio, t2a's video) is not decoded: None."""
     from jointdit.io.conditions import fit_wave
 
-    z_v, z_a = geometry.denormalize_video(z_v), geometry.denormalize_audio(z_a)
-    if task != "a2v":  # a2v's audio is the (already in-range) input
-        z_a = clamp_to_codec_range(z_a, session.audio_codec)
-    frames = decode_video(session.video_codec, z_v.to(session.device), session.vid_decode_chunk)
-    wave = session.audio_codec.decode(z_a.to(session.device))
-    return (frames[0].float().cpu().clamp(-1, 1),
-            fit_wave(wave[0].float().cpu(), geometry.num_samples).clamp(-1, 1))
+    present = masks.present_streams(task)
+    frames = wave = None
+    if "video" in present:
+        z_v = geometry.denormalize_video(z_v)
+        frames = decode_video(session.video_codec, z_v.to(session.device), session.vid_decode_chunk)[0]
+        frames = frames.float().cpu().clamp(-1, 1)
+    if "audio" in present:
+        z_a = geometry.denormalize_audio(z_a)
+        if task != "a2v":  # a2v's audio is the (already in-range) input
+            z_a = clamp_to_codec_range(z_a, session.audio_codec)
+        wave = session.audio_codec.decode(z_a.to(session.device))
+        wave = fit_wave(wave[0].float().cpu(), geometry.num_samples).clamp(-1, 1)
+    return frames, wave
 
 
 # --------------------------------------------------------------------------------------------------
@@ -652,7 +712,8 @@ def sample_to_files(cfg: DictConfig | Mapping) -> SampleResult:
     session = load_session(str(cfg.checkpoint), device=cfg.get("device"), vram=cfg.get("vram"), codec=cfg.get("codec"),
                            clip=cfg.get("clip"), kv_downsample=cfg.get("kv_downsample"),
                            spec=cfg.get("manual_shapes"), cache_dir=paths.get("cache_dir"),
-                           adapters=cfg.get("adapters"), merge_adapters=bool(cfg.get("merge_adapters", False)))
+                           adapters=cfg.get("adapters"), merge_adapters=bool(cfg.get("merge_adapters", False)),
+                           plan_for=request)
     tracker = Tracker(cfg.get("logger"), run_name=job_run_name(str(cfg.get("task_name", "sample"))))
     if isinstance(cfg, DictConfig):
         tracker.log_params(flatten(cfg))

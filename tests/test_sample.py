@@ -433,3 +433,61 @@ def test_entry_point_writes_files(checkpoint, tmp_path):
     again = run_module("jointdit.sample", f"checkpoint={checkpoint}", f"steps={STEPS}", f"paths.root_dir={tmp_path}",
                        f"out_dir={tmp_path / 'out'}", "progress=false", "name=run1")
     assert again.returncode == 2 and "already holds samples" in again.stderr and "Traceback" not in again.stderr
+
+
+@pytest.mark.parametrize("task", ["t2v", "t2a"])
+def test_single_stream_tasks_through_the_entry_point(task, checkpoint, tmp_path):
+    """``python -m jointdit.sample task=t2v``: an MP4 with no audio track (and the frames PNG), no WAV;
+    ``task=t2a``: a WAV of the clip's length (and the spectrogram PNG), no MP4."""
+    from PIL import Image
+
+    proc = run_module("jointdit.sample", f"checkpoint={checkpoint}", f"task={task}", f"steps={STEPS}", "seeds=[2]",
+                      f"paths.root_dir={tmp_path}", f"out_dir={tmp_path / 'out'}", "progress=false", "name=one",
+                      "guidance=cfg")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = [Path(line) for line in proc.stdout.splitlines() if line.startswith("/")]
+    assert printed[0] == tmp_path / "out" / "one"
+    stem = f"{task}_seed002_steps{STEPS}"
+    want = {"t2v": [f"{stem}.mp4", f"{stem}.png"], "t2a": [f"{stem}.png", f"{stem}.wav"]}[task]
+    assert sorted(p.name for p in printed[1:]) == want
+    assert sorted(p.name for p in printed[0].iterdir()) == sorted(want + ["request.json"])
+    if task == "t2v":
+        probed = _probe(printed[0] / f"{stem}.mp4")
+        assert not probed["audio"] and len(probed["frames"]) == N_FRAMES and probed["fps"] == pytest.approx(FPS)
+    else:
+        wave, sr = sf.read(printed[0] / f"{stem}.wav", dtype="float32")
+        assert sr == SR and wave.shape == (N_SAMPLES,) and np.abs(wave).max() > 1e-4
+    with Image.open(printed[0] / f"{stem}.png") as im:
+        assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_single_stream_tasks_leave_the_absent_stream_out(session):
+    from jointdit.sample import SampleRequest, generate
+
+    video = generate(session, SampleRequest(task="t2v", steps=1, seeds=[4], guidance="none")).samples[0]
+    audio = generate(session, SampleRequest(task="t2a", steps=1, seeds=[4], guidance="none")).samples[0]
+    assert video.frames.shape == (N_FRAMES, 3, SIZE, SIZE) and video.z_video.shape == fx.VIDEO_SHAPE
+    assert video.wave is None and video.z_audio is None and video.files == {}
+    assert audio.wave.shape == (N_SAMPLES,) and audio.z_audio.shape == fx.AUDIO_SHAPE
+    assert audio.frames is None and audio.z_video is None
+
+
+def test_an_impossible_memory_budget_is_refused_before_loading(checkpoint, monkeypatch, tmp_path):
+    """load_session checks the sampling plan before it loads anything (so jointdit.sample and the UI both do);
+    a budget nothing fits in is refused with the planner's message naming what to change."""
+    from jointdit import checkpoints
+    from jointdit.memory import MemoryPlanError
+    from jointdit.sample import load_session
+
+    loaded = []
+    real_load = checkpoints.load_model
+    monkeypatch.setattr(checkpoints, "load_model", lambda *a, **k: loaded.append(a) or real_load(*a, **k))
+    with pytest.raises(MemoryPlanError, match=r"sampling .* needs an estimated .* available .*vram\.budget_gb"):
+        load_session(checkpoint, device="cpu", vram={"budget_gb": 0.001})
+    assert loaded == []                                  # refused before the model was read
+    load_session(checkpoint, device="cpu", vram={"budget_gb": 8})
+    assert len(loaded) == 1
+    proc = run_module("jointdit.sample", f"checkpoint={checkpoint}", "vram.budget_gb=0.001", "steps=1",
+                      f"paths.root_dir={tmp_path}", f"out_dir={tmp_path / 'out'}", "progress=false")
+    assert proc.returncode != 0 and "error: sampling" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

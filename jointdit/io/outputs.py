@@ -82,9 +82,10 @@ def claim_output_dir(out_dir: str | os.PathLike, name: str | None = None, *, ove
     raise OutputExistsError(f"could not find a free folder name under {root} for {base}")
 
 
-def write_preview(path: str | os.PathLike, frames: Tensor, wave: Tensor, sample_rate: int, title: str = "",
-                  max_frames: int = 8) -> Path:
-    """A PNG: up to ``max_frames`` evenly spaced frames in a strip, above the log-mel spectrogram."""
+def write_preview(path: str | os.PathLike, frames: Tensor | None, wave: Tensor | None, sample_rate: int,
+                  title: str = "", max_frames: int = 8) -> Path:
+    """A PNG: up to ``max_frames`` evenly spaced frames in a strip, above the log-mel spectrogram; a
+    single-stream sample (``frames`` or ``wave`` None: t2a / t2v) gets only its own panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,20 +93,28 @@ def write_preview(path: str | os.PathLike, frames: Tensor, wave: Tensor, sample_
 
     from jointdit.codecs.mel import MelParams, log_mel
 
-    t = frames.shape[0]
-    idx = np.unique(np.linspace(0, t - 1, min(max_frames, t)).round().astype(int))
-    strip = torch.cat([frames[i] for i in idx], dim=-1)                                  # [3, H, k·W]
-    strip = ((strip.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy()
-    params = MelParams(sample_rate=int(sample_rate), fmax=min(8000.0, sample_rate / 2))
-    mel = log_mel(wave.reshape(1, -1).float().cpu(), params)[0].T.numpy()               # [n_mels, frames]
-    fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(max(6.0, 1.2 * len(idx)), 5), height_ratios=[1, 1])
-    ax0.imshow(strip)
-    ax0.set_axis_off()
-    ax0.set_title(title)
-    ax1.imshow(mel, origin="lower", aspect="auto", cmap="magma",
-               extent=(0, wave.numel() / sample_rate, 0, params.n_mels))
-    ax1.set_xlabel("seconds")
-    ax1.set_ylabel("mel band")
+    if frames is None and wave is None:
+        raise ValueError("a preview needs frames or a wave; both are None")
+    panels = [kind for kind, x in (("frames", frames), ("mel", wave)) if x is not None]
+    width = 6.0
+    if frames is not None:
+        t = frames.shape[0]
+        idx = np.unique(np.linspace(0, t - 1, min(max_frames, t)).round().astype(int))
+        width = max(6.0, 1.2 * len(idx))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(width, 2.5 * len(panels)), squeeze=False)
+    for ax, kind in zip(axes[:, 0], panels):
+        if kind == "frames":
+            strip = torch.cat([frames[i] for i in idx], dim=-1)                          # [3, H, k·W]
+            ax.imshow(((strip.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).cpu().numpy())
+            ax.set_axis_off()
+        else:
+            params = MelParams(sample_rate=int(sample_rate), fmax=min(8000.0, sample_rate / 2))
+            mel = log_mel(wave.reshape(1, -1).float().cpu(), params)[0].T.numpy()       # [n_mels, frames]
+            ax.imshow(mel, origin="lower", aspect="auto", cmap="magma",
+                      extent=(0, wave.numel() / sample_rate, 0, params.n_mels))
+            ax.set_xlabel("seconds")
+            ax.set_ylabel("mel band")
+    axes[0, 0].set_title(title)
     fig.tight_layout()
     try:
         return atomic_write(path, lambda handle: fig.savefig(handle, dpi=80, format="png"))
@@ -113,25 +122,26 @@ def write_preview(path: str | os.PathLike, frames: Tensor, wave: Tensor, sample_
         plt.close(fig)
 
 
-def write_sample(folder: str | os.PathLike, stem: str, frames: Tensor, wave: Tensor, fps: float, sample_rate: int,
-                 *, title: str = "", kinds: Sequence[str] = OUTPUT_KINDS) -> dict[str, Path]:
-    """Write one sample's files into ``folder``; returns ``{kind: path}`` for the ``kinds`` asked.
+def write_sample(folder: str | os.PathLike, stem: str, frames: Tensor | None, wave: Tensor | None, fps: float,
+                 sample_rate: int, *, title: str = "", kinds: Sequence[str] = OUTPUT_KINDS) -> dict[str, Path]:
+    """Write one sample's files into ``folder``; returns ``{kind: path}`` for the ``kinds`` written.
 
-    mp4        ``<stem>.mp4``        H.264 + AAC (the sounding video)
-    video_mp4  ``<stem>_video.mp4``  H.264 only
+    mp4        ``<stem>.mp4``        H.264 + AAC (the sounding video); without ``wave`` (t2v): H.264 only
+    video_mp4  ``<stem>_video.mp4``  H.264 only (not written without ``wave``: ``mp4`` is that file already)
     wav        ``<stem>.wav``        16-bit PCM mono
-    png        ``<stem>.png``        frame strip above the mel spectrogram
+    png        ``<stem>.png``        frame strip above the mel spectrogram (only the stream there is)
+    A stream that is None (t2v's audio, t2a's video) writes nothing that needs it: t2a gives no MP4.
     """
     unknown = set(kinds) - set(OUTPUT_KINDS)
     if unknown:
         raise ValueError(f"unknown output kinds {sorted(unknown)}; choose from {list(OUTPUT_KINDS)}")
     base = Path(folder) / stem
     files: dict[str, Path] = {}
-    if "mp4" in kinds:
+    if "mp4" in kinds and frames is not None:
         files["mp4"] = write_mp4(base.with_suffix(".mp4"), frames, fps, wave, sample_rate)
-    if "video_mp4" in kinds:
+    if "video_mp4" in kinds and frames is not None and wave is not None:
         files["video_mp4"] = write_mp4(base.with_name(f"{stem}_video.mp4"), frames, fps)
-    if "wav" in kinds:
+    if "wav" in kinds and wave is not None:
         files["wav"] = write_wav(base.with_suffix(".wav"), wave, sample_rate)
     if "png" in kinds:
         files["png"] = write_preview(base.with_suffix(".png"), frames, wave, sample_rate, title=title)
