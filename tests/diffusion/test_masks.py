@@ -67,7 +67,7 @@ def test_clear_errors():
 
 
 @pytest.mark.parametrize("mode", M.MODES)
-def test_training_batch_given_is_clean_and_outside_the_loss(mode):
+def test_flow_batch_on_a_training_mask_keeps_the_given_part_clean_and_outside_the_loss(mode):
     g = torch.Generator().manual_seed(3)
     x0_v, x0_a = torch.randn(VIDEO, generator=g), torch.randn(AUDIO, generator=g)
     mask = M.training_mask([mode, mode], GEOM, M.MaskParams(), torch.Generator().manual_seed(5))
@@ -196,7 +196,7 @@ def test_time_origin_offsets_from_the_latent_spec():
 
 @pytest.mark.parametrize("mode,params", [("extend_v", {"seconds_given": 0.5}), ("extend_a", {"seconds_given": 0.3, "both": True}),
                                          ("inpaint_v", {"region": (0.5, 0.5, 1.0, 1.0)}), ("inpaint_a", {"span": (0.4, 0.8)})])
-def test_sample_masked_holds_the_condition_with_guidance_batches(mode, params):
+def test_integrate_holds_the_condition_with_guidance_batches(mode, params):
     from jointdit.diffusion.guidance import JointCFG
 
     model = tiny()
