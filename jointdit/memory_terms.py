@@ -1,51 +1,55 @@
-"""Memory terms the planner's base estimate (:func:`jointdit.memory.estimate_peak`) leaves out, so that
-the plan never promises less memory than the run needs.
+"""The terms of the memory planner (:mod:`jointdit.memory`): what each part of a run keeps live, in bytes.
 
-What is live at once during one training step (bytes; P = all parameters, θ = the trainable ones):
+Training, one optimizer step (P = all weights, θ = the trainable ones, per block i = 0 … depth−1):
 
-    resident  = params(P + LoRA) + casts + state(optimizer, θ) + ema(θ) + overhead
-    backward  = grads(θ) + activations + attention       with gradient checkpointing: the gradients of the
-                                                          later blocks build up while an earlier block is
-                                                          recomputed, so both are live (a sum)
-              = max(grads(θ), activations + attention)    without it (the base planner's calibrated form)
-    step      = grads(θ) + transient(optimizer, foreach)  optimizer.step() runs while the gradients are held
-    train     = resident + max(backward, step)
+    resident   = weights(P, quantized frozen linears at 1 byte + scales) + adapters + casts(2·P, mixed precision)
+                 + optimizer state(θ) + EMA(4·θ)
+    saved_i    = what autograd keeps of block i (:func:`block_saved_bytes`, exact: checked against
+                 :mod:`jointdit.memory_trace`); a checkpointed block keeps only its inputs (x_v, x_a);
+                 an offloaded block (CUDA, ``save_on_cpu``) keeps nothing on the device
+    backward   = max over i of [ io + Σ_{j<i} kept_j + saved_i + Σ_{j≥i} grads_j + grads_io
+                               + ρ · saved_i + C ]          (block i's backward: its activations are
+                 (re)computed and their gradients built while the later blocks' weight gradients are held)
+    step       = grads(θ) + transient(optimizer, foreach)   optimizer.step() runs while the gradients are held
+    train      = resident + max(backward, step)
+    preview    = resident + 4·P (the exported copy) + the sampling plan's forward/decode/codec/CLIP terms
 
-    transient: AdamW foreach (multi-tensor; torch's default on CUDA) — sqrt(v) for every tensor of a param
-               group at once: 4·Σ_group n, the largest group; AdamW single-tensor — sqrt(v)/bc for one tensor:
-               8·max n; 8-bit AdamW — one tensor's fp32 state is dequantised: 8·max n; Adafactor
-               (transformers) — grad², the factored estimate and the update for one tensor: 12·max n.
+ρ (:data:`BACKWARD_WORKING`) and C (:data:`RUNTIME`) are the only fitted numbers of the training model, fitted
+on the calibration rows of experiments/bench_memory.py (CPU, fp32; held-out rows are in
+experiments/bench_memory_terms.py). The optimizer transients:
 
-Preview sampling (``sample_every`` and the final preview) runs in the training process after
-``zero_grad(set_to_none=True)``, with the optimizer state and EMA still held:
+    AdamW foreach (multi-tensor; torch's default on CUDA): sqrt(v) for every tensor of a param group at once,
+    4·Σ_group n for the largest group; AdamW single-tensor: sqrt(v)/bc for one tensor, 8·max n; 8-bit AdamW:
+    one tensor's fp32 state dequantised, 8·max n; Adafactor (transformers): grad², the factored estimate and
+    the update for one tensor, 12·max n.
 
-    preview   = resident + 4·P (the exported copy the sampler loads) + codec + CLIP weights
-                + sampling forward (``branches`` guidance branches, base planner) + decoded media
-
-    peak      = max(train, preview) (preview only when previews run)
-
-Sampling alone: 4·P + codec + CLIP + the sampling forward + decoded media.
-
-The stage decides θ: ``stage=a`` all parameters; ``stage=b`` the glob groups of ``stage.trainable``;
-LoRA (``stage.lora.rank > 0``) only the adapters, r·(d_in + d_out) per targeted linear, which also add to
-the parameters. Shapes come from a model built on the ``meta`` device (no memory).
+The stage decides θ and which tensors autograd saves: ``stage=a`` all parameters; ``stage=b`` the glob groups
+of ``stage.trainable``; LoRA (``stage.lora.rank > 0``) only the adapters (r·(d_in + d_out) per targeted linear).
+A frozen linear without an adapter saves no input (its weight gradient is not needed); a frozen adaLN saves
+no normalised activations. The layout comes from a model built on the ``meta`` device (no memory).
 """
 
 from __future__ import annotations
 
+import functools
+import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jointdit.memory import Estimate, Knobs, estimate_peak
-from jointdit.optimizers import state_bytes
-
 MiB = 1024 ** 2
-# The stated margin a plan must keep: on 9 held-out CPU set-ups (experiments/results/bench_memory_terms.md) the
-# full estimate was at worst 11.9 % under the measured peak (tiny models, where the base planner's activation
-# count is lowest), so a plan fits only if total · (1 + SAFETY_MARGIN) <= budget.
-SAFETY_MARGIN = 0.15
+# Backward working set of one block, in units of that block's saved activations: the gradients of its
+# intermediates (about one per saved tensor) and autograd's buffers. Fitted (CPU fp32) on the calibration rows:
+# 1.1 (tiny, batch 1-8).
+BACKWARD_WORKING = 1.1
+# Runtime memory a training step holds that no tensor accounts for: autograd engine, oneDNN primitive cache and
+# heap fragmentation on the CPU (12-13 MiB stay after backward on the calibration rows); the cuBLAS workspace
+# and cuDNN handles on CUDA (not measured here: the same figure is used).
+RUNTIME = 16 * MiB
+
+ROLE_MODULES = {"ada": "adaLN_modulation.1", "qkv": "qkv", "proj": "proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
 
 def _numel(shape: Sequence[int]) -> int:
@@ -55,12 +59,41 @@ def _numel(shape: Sequence[int]) -> int:
     return n
 
 
+@dataclass(frozen=True)
+class ExpertTraining:
+    """What one modality expert of one block trains: the roles (:data:`ROLE_MODULES`) whose weight trains,
+    and the LoRA rank per adapted role."""
+
+    trains: frozenset[str] = frozenset(ROLE_MODULES)
+    lora: tuple[tuple[str, int], ...] = ()
+
+    def saves_input(self, role: str) -> bool:
+        """A linear keeps its input for backward when its weight or an adapter on it trains."""
+        return role in self.trains or role in dict(self.lora)
+
+    def rank(self, role: str) -> int:
+        return dict(self.lora).get(role, 0)
+
+
+@dataclass(frozen=True)
+class BlockTraining:
+    video: ExpertTraining
+    audio: ExpertTraining
+    context: bool = True        # the context K/V path needs gradients (context.kv or the condition embedder trains)
+    context_rank: int = 0       # LoRA rank on context.kv
+    grad_bytes: int = 0         # fp32 gradients of the block's trainable tensors
+
+
 @dataclass
 class Trainable:
-    """What trains: parameter groups (one list of shapes per optimizer param group) and added weights."""
+    """What trains: parameter groups (one list of shapes per optimizer param group), added LoRA weights,
+    the per-block layout, gradients outside the blocks, and the frozen Linear weights (quantizable)."""
 
     groups: list[list[tuple[int, ...]]]
-    added_params: int = 0        # LoRA adapter elements (not in the base model's P)
+    added_params: int = 0
+    blocks: list[BlockTraining] = field(default_factory=list)
+    grad_bytes_io: int = 0
+    frozen_linear: list[tuple[int, ...]] = field(default_factory=list)
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
@@ -71,29 +104,77 @@ class Trainable:
         return sum(_numel(s) for s in self.shapes)
 
 
-def trainable_of(model_config: Mapping[str, Any], stage: Mapping[str, Any] | None) -> Trainable:
-    """The trainable tensors a stage config selects, from a ``meta``-device model (no memory used)."""
+def stage_model(model_config: Mapping[str, Any], stage: Mapping[str, Any] | None):
+    """A JointDiT on the ``meta`` device with ``requires_grad`` set exactly as the stage trains it (the real
+    ``lora.add_lora`` / ``checkpoints.select_parameters``), and the stage's parameter groups (name lists)."""
     import torch
 
     from jointdit.checkpoints import select_parameters
-    from jointdit.lora import groups_from_config, lora_enabled, resolve_targets
+    from jointdit.lora import add_lora, groups_from_config, lora_enabled, lora_parameters
     from jointdit.memory import _full_config
     from jointdit.models.jointdit import JointDiT
 
     stage = dict(stage or {})
     with torch.device("meta"):
         model = JointDiT(**_full_config(model_config))
-    if lora_enabled(stage.get("lora")):
-        groups = groups_from_config(stage["lora"])
-        targets = resolve_targets(model, groups)
-        shapes = []
-        for name, group in targets.items():
-            lin = model.get_submodule(name)
-            shapes += [(group.rank, lin.in_features), (lin.out_features, group.rank)]
-        return Trainable([shapes], added_params=sum(_numel(s) for s in shapes))
+        model.train()
+        if lora_enabled(stage.get("lora")):
+            add_lora(model, groups_from_config(stage["lora"]))
+            return model, [[n for n, _ in lora_parameters(model)]]
     trainable = stage.get("trainable") or {"all": {"patterns": ["*"]}}
     selected = select_parameters(model, {k: list(v["patterns"]) for k, v in trainable.items()})
-    return Trainable([[tuple(p.shape) for _, p in params] for params in selected.values()])
+    chosen = {n for params in selected.values() for n, _ in params}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in chosen)
+    return model, [[n for n, _ in params] for params in selected.values()]
+
+
+def _layout(model) -> tuple[list[BlockTraining], int]:
+    """Per-block training layout and the gradient bytes outside the blocks, from ``requires_grad`` flags."""
+    params = dict(model.named_parameters())
+    trains = {n for n, p in params.items() if p.requires_grad}
+    lora_rank = {}
+    for name in trains:
+        m = re.match(r"(.*)\.lora_A\.[^.]+\.weight$", name)
+        if m:
+            lora_rank[m.group(1)] = int(params[name].shape[0])
+    cond_trains = any(n.startswith("cond_embed.") for n in trains)
+
+    def role_trains(prefix: str) -> tuple[frozenset[str], tuple[tuple[str, int], ...]]:
+        roles = frozenset(r for r, mod in ROLE_MODULES.items()
+                          if f"{prefix}.{mod}.weight" in trains or f"{prefix}.{mod}.base_layer.weight" in trains)
+        return roles, tuple((r, lora_rank[f"{prefix}.{mod}"]) for r, mod in ROLE_MODULES.items()
+                            if f"{prefix}.{mod}" in lora_rank)
+
+    blocks, in_blocks = [], 0
+    for i in range(len(model.blocks)):
+        grad = sum(4 * params[n].numel() for n in trains if n.startswith(f"blocks.{i}."))
+        in_blocks += grad
+        ctx_rank = lora_rank.get(f"blocks.{i}.context.kv", 0)
+        ctx = cond_trains or ctx_rank > 0 or f"blocks.{i}.context.kv.weight" in trains
+        blocks.append(BlockTraining(ExpertTraining(*role_trains(f"blocks.{i}.video")),
+                                    ExpertTraining(*role_trains(f"blocks.{i}.audio")), ctx, ctx_rank, grad))
+    return blocks, sum(4 * params[n].numel() for n in trains) - in_blocks
+
+
+@functools.lru_cache(maxsize=64)
+def _trainable_cached(model_json: str, stage_json: str) -> Trainable:
+    import torch
+
+    model, group_names = stage_model(json.loads(model_json), json.loads(stage_json))
+    params = dict(model.named_parameters())
+    groups = [[tuple(params[n].shape) for n in names] for names in group_names]
+    added = sum(p.numel() for n, p in params.items() if ".lora_" in n)
+    blocks, grad_io = _layout(model)
+    frozen = [tuple(m.weight.shape) for m in model.modules()
+              if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad]
+    return Trainable(groups, added, blocks, grad_io, frozen)
+
+
+def trainable_of(model_config: Mapping[str, Any], stage: Mapping[str, Any] | None) -> Trainable:
+    """The trainable tensors and per-block layout a stage config selects (meta model, cached per config)."""
+    return _trainable_cached(json.dumps(dict(model_config), sort_keys=True, default=str),
+                             json.dumps(dict(stage or {}), sort_keys=True, default=str))
 
 
 def step_transient(optimizer: str, trainable: Trainable, foreach: bool | None, device: str = "cpu") -> int:
@@ -114,6 +195,86 @@ def step_transient(optimizer: str, trainable: Trainable, foreach: bool | None, d
     raise ValueError(f"unknown optimizer {optimizer!r}")
 
 
+@dataclass(frozen=True)
+class Tokens:
+    """Token counts of one sample: video/audio queries, pooled keys per modality, context, modulation groups."""
+
+    video: int
+    audio: int
+    keys_video: int
+    keys_audio: int
+    context: int
+    groups_video: int = 1
+    groups_audio: int = 1
+
+    @property
+    def queries(self) -> int:
+        return self.video + self.audio
+
+    @property
+    def keys(self) -> int:
+        return self.keys_video + self.keys_audio + self.context
+
+
+def _expert_saved(e: ExpertTraining, n: int, groups: int, d: int, mlp: int, heads: int) -> int:
+    """Elements one modality expert saves for ``n`` tokens (see :func:`block_saved_bytes`)."""
+    ada = "ada" in e.trains
+    per_token_d = (1                              # x, LayerNorm 1 input
+                   + ada                          # LN(x), kept by the modulation product when adaLN trains
+                   + e.saves_input("qkv")         # the modulated, flattened input of qkv
+                   + 3                            # qkv output (QK-norm inputs, v)
+                   + 2                            # the attention's query (concatenated) and its output
+                   + e.saves_input("proj")        # the reshaped attention output, input of proj
+                   + ada                          # proj output, kept by the gate product
+                   + 1                            # x', LayerNorm 2 input
+                   + ada                          # LN(x')
+                   + e.saves_input("fc1")         # modulated input of fc1
+                   + ada)                         # fc2 output, kept by the gate product
+    per_token = (per_token_d * d + mlp * (1 + e.saves_input("fc2"))   # fc1 output (GELU input), GELU output
+                 + sum(e.rank(r) for r in ROLE_MODULES)              # adapter down-projections
+                 + 4 + 4 * heads)                                    # LayerNorm / QK-norm mean and rstd
+    # per modulation group: 1+scale (×2), the adaLN output (gates are its views), SiLU(c) when adaLN trains
+    return n * per_token + groups * d * (8 + ada)
+
+
+def block_saved_bytes(block: BlockTraining, tokens: Tokens, d: int, mlp: int, heads: int, batch: int,
+                      value_bytes: int = 4, mixed_modes: bool = False, attention_kernel: str = "flash") -> int:
+    """Bytes autograd keeps for the backward of one joint block, summed over its tensors' storages:
+
+    per modality token (D = hidden size): x, [LN(x)], [qkv input], qkv (3), query + attention output (2),
+    [proj input], [proj output], x', [LN(x')], [fc1 input], [fc2 output] in units of D — the bracketed ones only
+    when their weight (adaLN for the LN/gate ones) or an adapter trains — plus the fc1 output, [the GELU
+    output] (mlp wide), r per adapter and the norm statistics; per modulation group 8·D (9·D when adaLN trains);
+    per block the concatenated keys and values 2·D·N_keys, the fp32 log-sum-exp, and the context's K/V
+    projection 2·D (+ r) per context token when the context path needs gradients. Mixed attention modes in one
+    batch add the per-mode key sets (≤ 2·D·(max N_keys of one modality + N_ctx)); the math kernel adds its
+    [H, N_q, N_keys] probabilities. Exact for flash SDPA on fp32 (tests/test_memory_trace.py)."""
+    n_elem = (_expert_saved(block.video, tokens.video, tokens.groups_video, d, mlp, heads)
+              + _expert_saved(block.audio, tokens.audio, tokens.groups_audio, d, mlp, heads)
+              + 2 * d * tokens.keys)
+    if block.context:
+        n_elem += tokens.context * (2 * d + 2 * heads + block.context_rank)
+    if mixed_modes:
+        n_elem += 2 * d * (max(tokens.keys_video, tokens.keys_audio) + tokens.context)
+    if attention_kernel == "math":
+        n_elem += 2 * heads * tokens.queries * tokens.keys          # softmax output + its dropout/probabilities
+    lse = 4 * heads * tokens.queries                                 # fp32 whatever the precision
+    return batch * (value_bytes * n_elem + lse)
+
+
+def backward_peak(saved: Sequence[int], kept: Sequence[int], grads: Sequence[int], io: int, grads_io: int) -> int:
+    """Peak bytes of the backward pass above the resident weights and states (module docstring):
+    ``max_i [io + Σ_{j<i} kept_j + saved_i + Σ_{j≥i} grads_j + grads_io + ρ·saved_i] + C``, where
+    ``kept_j`` is what block j holds until its backward (its saved tensors, or only its inputs when
+    checkpointed, or nothing when offloaded) and ``saved_i`` what block i's backward needs (recomputed if
+    checkpointed)."""
+    peak, depth = 0, len(saved)
+    for i in range(depth - 1, -1, -1):
+        live = io + sum(kept[:i]) + saved[i] * (1 + BACKWARD_WORKING) + sum(grads[i:]) + grads_io
+        peak = max(peak, live)
+    return int(peak + RUNTIME)
+
+
 def weights_bytes(folder: str | Path | None) -> int:
     """Bytes of the weights a pretrained codec / CLIP folder or checkpoint file loads (safetensors/bin/pt)."""
     if not folder:
@@ -126,116 +287,35 @@ def weights_bytes(folder: str | Path | None) -> int:
     return sum(p.stat().st_size for ext in ("*.safetensors", "*.bin", "*.pt", "*.pth") for p in path.rglob(ext))
 
 
-@dataclass
-class FullEstimate:
-    """The base estimate plus the terms above; ``total`` is what the plan must fit."""
-
-    base: Estimate
-    params: int
-    optimizer_state: int
-    ema: int
-    grads: int
-    transient: int
-    backward: int
-    train: int
-    preview: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def total(self) -> int:
-        return max(self.train, self.preview)
-
-    @property
-    def planned(self) -> int:
-        """``total`` with the stated :data:`SAFETY_MARGIN`: what the budget must hold."""
-        return int(self.total * (1 + SAFETY_MARGIN))
-
-    def as_dict(self) -> dict[str, Any]:
-        keys = ("params", "optimizer_state", "ema", "grads", "transient", "backward", "train", "preview")
-        return {**{k: int(getattr(self, k)) for k in keys}, "total": self.total, "planned": self.planned, **self.info}
+def quantized_weight_bytes(shapes: Sequence[Sequence[int]], scheme: str | None) -> int:
+    """Bytes of frozen Linear weights stored as ``scheme``: fp32 when None; ``int8`` (optimum-quanto
+    ``qint8`` weights): 1 byte per weight + one fp32 scale per output row."""
+    if not scheme:
+        return sum(4 * _numel(s) for s in shapes)
+    if scheme == "int8":
+        return sum(_numel(s) + 4 * int(s[0]) for s in shapes)
+    raise ValueError(f"unknown vram.quantize_frozen={scheme!r}; use null or int8")
 
 
-def estimate_training(model_config: Mapping[str, Any], video_shape: Sequence[int], audio_shape: Sequence[int],
-                      knobs: Knobs | Mapping[str, Any], *, stage: Mapping[str, Any] | None = None,
-                      optimizer: str = "adamw", foreach: bool | None = None, ema: bool = True,
-                      precision: str = "no", device: str = "cpu", attention_kernel: str = "flash",
-                      preview: bool = False, preview_branches: int = 3, codec_bytes: int = 0, clip_bytes: int = 0,
-                      decoded_bytes: int = 0) -> FullEstimate:
-    """Peak bytes of training with every term live at once (module docstring), never below the base."""
-    kn = knobs if isinstance(knobs, Knobs) else Knobs.from_mapping(knobs)
-    base = estimate_peak(model_config, video_shape, audio_shape, kn, precision=precision, training=True, ema=ema,
-                         attention_kernel=attention_kernel, device=device)
-    tr = trainable_of(model_config, stage)
-    n = tr.numel
-    params = base.params + 4 * tr.added_params
-    opt_state = state_bytes(optimizer, tr.shapes)
-    ema_b = 4 * n if ema else 0
-    grads = 4 * n
-    act = base.activations + base.attention
-    backward = grads + act if kn.gradient_checkpointing else max(grads, act)
-    transient = step_transient(optimizer, tr, foreach, device)
-    resident = params + base.casts + opt_state + ema_b + base.overhead
-    train = resident + max(backward, grads + transient)
-    out = FullEstimate(base, params, opt_state, ema_b, grads, transient, backward, train,
-                       info={"trainable": n, "optimizer": optimizer, "foreach": foreach})
-    if preview:
-        sample = estimate_peak(model_config, video_shape, audio_shape, kn, micro_batch=preview_branches,
-                               precision=precision, training=False, attention_kernel=attention_kernel, device=device)
-        out.preview = (resident + base.params + codec_bytes + clip_bytes + sample.activations + sample.attention
-                       + sample.overhead + decoded_bytes)
-    return out
-
-
-def estimate_sampling(model_config: Mapping[str, Any], video_shape: Sequence[int], audio_shape: Sequence[int],
-                      knobs: Knobs | Mapping[str, Any], *, branches: int = 3, adapters_params: int = 0,
-                      codec_bytes: int = 0, clip_bytes: int = 0, decoded_bytes: int = 0, precision: str = "no",
-                      device: str = "cpu", attention_kernel: str = "flash") -> int:
-    """Peak bytes of ``jointdit.sample``: weights (+ adapters), codec, CLIP, one batched forward, media."""
-    est = estimate_peak(model_config, video_shape, audio_shape, knobs, micro_batch=branches, precision=precision,
-                        training=False, attention_kernel=attention_kernel, device=device)
-    return int(est.params + 4 * adapters_params + codec_bytes + clip_bytes + est.activations + est.attention
-               + est.overhead + decoded_bytes)
-
-
-def decoded_media_bytes(frames: int, height: int, width: int, samples: int, branches_copy: int = 2) -> int:
-    """Decoded clip tensors held while writing outputs: fp32 frames [T, 3, H, W] and wave [N], ×copies."""
-    return int(branches_copy * 4 * (frames * 3 * height * width + samples))
-
-
-def estimate_for_run(cfg: Any, video_shape: Sequence[int], audio_shape: Sequence[int],
-                     model_config: Mapping[str, Any], device: str = "cpu") -> FullEstimate:
-    """The full estimate of a composed training config: its stage (LoRA / trainable groups), ``vram``
-    knobs, optimizer and ``foreach``, EMA, and the preview sample when ``sample_every >= 0``.
-
-    ``video_shape``/``audio_shape`` are the latents the model trains on (already cropped); the knobs'
-    ``max_t`` is therefore not applied again.
-    """
-    from omegaconf import OmegaConf
-
-    vram = OmegaConf.to_container(cfg.vram, resolve=True)
-    knobs = Knobs.from_mapping({**vram, "max_t": 0})
-    precision = "no" if device == "cpu" else str(vram.get("mixed_precision", "no"))
-    stage = OmegaConf.to_container(cfg.stage, resolve=True)
-    foreach = vram.get("optimizer_foreach")
-    return estimate_training(dict(model_config), list(video_shape), list(audio_shape), knobs, stage=stage,
-                             optimizer=str(vram.get("optimizer", "adamw")), foreach=foreach,
-                             ema=bool(cfg.ema.enabled), precision=precision, device=device,
-                             preview=int(cfg.get("sample_every", -1)) >= 0)
-
-
-# ----------------------------------------------------------------------------------------------
 # Sampling-side terms: codec weights and decode working memory, CLIP weights, decoded media
 # ----------------------------------------------------------------------------------------------
-# Live feature maps of a diffusers VAE decoder's last (full-resolution) up block per output pixel, in units
-# of ``block_out_channels[0]`` values: the ResNet input, its norm/conv intermediates and the upsampler's
-# output. Fitted on the tiny random-init SVD / AudioLDM2 VAEs (experiments/bench_memory_terms.py, calibration
-# rows "decode ..."), see :func:`codec_terms`.
-VAE_DECODER_LIVE_MAPS = 4.0
-# HiFi-GAN: live maps at the widest stage (channels × samples), input + resblock intermediates + sum.
-VOCODER_LIVE_MAPS = 4.0
-# Griffin-Lim on a log-mel [L, n_mels]: linear magnitude, complex spectra (angles, rebuilt, previous for
-# momentum) and the STFT's framed copy, each (n_fft/2+1)·L values; counted in 4-byte units.
-GRIFFIN_LIM_LIVE_SPECTRA = 10.0
+# Decode working memory, in live values per decoded unit. Structural counts, checked against the measured
+# decode peaks of the real codecs (tiny random-init SVD / AudioLDM2 folders, pixel_mel) in
+# experiments/bench_memory_terms.py (calibration rows "decode ..."):
+# - a diffusers VAE decoder's full-resolution up block keeps about 12 maps of block_out_channels[0] values per
+#   output pixel alive (ResNet input, GroupNorm/SiLU/conv intermediates, the skip, the upsampler's output;
+#   the temporal decoder adds its time-mixing copies): measured 8.6-12;
+VAE_DECODER_LIVE_MAPS = 12.0
+# - HiFi-GAN, at its widest stage (channels x samples): input, the resblocks' intermediates and their sum;
+VOCODER_LIVE_MAPS = 12.0
+# - librosa's Griffin-Lim (float64/complex128) keeps the magnitude, angles, rebuilt and previous spectra and
+#   the STFT frames: about 88 bytes per frequency bin and frame = 22 four-byte values (measured 19-26).
+GRIFFIN_LIM_LIVE_SPECTRA = 26.0
+# First-call runtime of a decoder (kernel workspaces, weight repacking), measured 9-13 MiB on CPU.
+DECODE_RUNTIME = 16 * MiB
+# librosa loads scipy.optimize / numba lazily on its first Griffin-Lim call: 175-237 MiB of host memory that
+# stays (measured on this CPU in a sampling process). Host memory only: counted when the budget is the RAM.
+GRIFFIN_LIM_HOST_RUNTIME = 240 * MiB
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -271,17 +351,19 @@ class CodecTerms:
 
 
 def codec_terms(codec: Mapping[str, Any] | None, frames: int, size: Sequence[int], latent_audio_steps: int,
-                vid_decode_chunk: int | None = None) -> CodecTerms:
+                vid_decode_chunk: int | None = None, device: str = "cpu") -> CodecTerms:
     """The codec config's weights and decode working memory for one clip of ``frames`` frames at ``size``
     (H, W) and ``latent_audio_steps`` latent audio steps (the model-side audio length).
 
     pixel_mel: no weights; video decode is a reshape (the output is counted as decoded media); audio decode
-    is Griffin-Lim: :data:`GRIFFIN_LIM_LIVE_SPECTRA` · (n_fft/2+1) · L · 4 bytes.
+    is librosa's Griffin-Lim on the host: :data:`GRIFFIN_LIM_LIVE_SPECTRA` · (n_fft/2+1) · L · 4 bytes, plus
+    :data:`GRIFFIN_LIM_HOST_RUNTIME` — both only when ``device`` is the CPU (on a GPU it is host memory).
     svd_audioldm2: the folders' weight files; the SVD temporal decoder decodes ``chunk + 2·overlap`` frames
     per call (``vid_decode_chunk`` > ``video.decode_chunk``; ≤ 0: all frames), holding
     :data:`VAE_DECODER_LIVE_MAPS` · C₀ · H · W values per frame (C₀ = ``block_out_channels[0]`` of its
     config); the AudioLDM2 VAE the same on the mel image [4·La, n_mels] per clip, then the HiFi-GAN vocoder
-    :data:`VOCODER_LIVE_MAPS` · max over stages (channels · samples). Bytes per value follow ``codec.dtype``.
+    :data:`VOCODER_LIVE_MAPS` · max over stages (channels · samples); each plus :data:`DECODE_RUNTIME`.
+    Bytes per value follow ``codec.dtype``.
     """
     c = dict(codec or {})
     h, w = int(size[0]), int(size[1])
@@ -290,7 +372,9 @@ def codec_terms(codec: Mapping[str, Any] | None, frames: int, size: Sequence[int
     audio = dict(c.get("audio") or {})
     n_fft = int(audio.get("n_fft", 1024))
     if name == "pixel_mel":
-        out.decode_audio = int(GRIFFIN_LIM_LIVE_SPECTRA * (n_fft // 2 + 1) * latent_audio_steps * 4)
+        if device == "cpu":
+            out.decode_audio = int(GRIFFIN_LIM_LIVE_SPECTRA * (n_fft // 2 + 1) * latent_audio_steps * 4
+                                   + GRIFFIN_LIM_HOST_RUNTIME)
         return out
     if name != "svd_audioldm2":
         out.notes.append(f"codec {name!r} is not modelled: its weights and decode are not counted")
@@ -309,7 +393,7 @@ def codec_terms(codec: Mapping[str, Any] | None, frames: int, size: Sequence[int
     chunk = int(video.get("decode_chunk", 8) if vid_decode_chunk is None else vid_decode_chunk)
     per_call = frames if chunk <= 0 else min(frames, chunk + 2 * int(video.get("decode_overlap", 2) or 0))
     c0 = int((_read_json(vae / "config.json") if vae else {}).get("block_out_channels", [128])[0])
-    out.decode_video = int(VAE_DECODER_LIVE_MAPS * c0 * h * w * per_call * value)
+    out.decode_video = int(VAE_DECODER_LIVE_MAPS * c0 * h * w * per_call * value + DECODE_RUNTIME)
     a_cfg = _read_json(audio_vae / "config.json") if audio_vae else {}
     mel_frames, n_mels = 4 * latent_audio_steps, int(audio.get("n_mels", 64))
     batch = 1  # _decode decodes one clip at a time
@@ -319,7 +403,7 @@ def codec_terms(codec: Mapping[str, Any] | None, frames: int, size: Sequence[int
     for rate in v_cfg.get("upsample_rates", [5, 4, 2, 2, 2]):
         ch, length = ch // 2, length * int(rate)
         widest = max(widest, ch * length)
-    out.decode_audio = int(max(vae_audio, VOCODER_LIVE_MAPS * widest) * value)
+    out.decode_audio = int(max(vae_audio, VOCODER_LIVE_MAPS * widest) * value + DECODE_RUNTIME)
     return out
 
 
@@ -351,3 +435,13 @@ def clip_weights_bytes(settings: Mapping[str, Any] | None) -> tuple[int, str | N
     wt, lt = int(text.get("width", 512)), int(text.get("layers", 12))
     n = 12 * lv * wv ** 2 + 12 * lt * wt ** 2 + int(text.get("vocab_size", 49408)) * wt
     return 4 * n, f"CLIP weights estimated from its config ({n / 1e6:.0f} M parameters)"
+
+
+def estimate_for_run(cfg: Any, video_shape: Sequence[int], audio_shape: Sequence[int],
+                     model_config: Mapping[str, Any], device: str = "cpu"):
+    """The one estimate (:func:`jointdit.memory.estimate_for_config`) of a composed training config, on the
+    latents the model trains on. Kept for ``jointdit.training.planned_peak``; ``memory.resolve_vram``'s
+    ``estimate_bytes`` is the same figure."""
+    from jointdit.memory import estimate_for_config
+
+    return estimate_for_config(cfg, video_shape, audio_shape, model_config, device)

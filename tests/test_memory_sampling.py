@@ -78,9 +78,14 @@ def test_branch_count_matches_the_guidance_forward():
 def test_a_plan_that_does_not_fit_names_the_knob(export, tmp_path):
     folder, _ = export
     plan = sampling_plan(folder, device="cpu", branches=3, budget_bytes=64 * 2**30)
-    with pytest.raises(MemoryPlanError, match="guidance branches") as err:
+    assert plan.decode_audio > plan.forward  # on the CPU librosa's Griffin-Lim outweighs this tiny forward
+    with pytest.raises(MemoryPlanError, match="codec.audio.decode_batch") as err:
         check_sampling_plan(folder, device="cpu", branches=3, budget_bytes=plan.weights + 1)
-    assert "max_t" in str(err.value) and "margin" in str(err.value)
+    assert "margin" in str(err.value)
+    heavy = dict(device="cpu", branches=4, batch_size=32)
+    assert sampling_plan(folder, **heavy, budget_bytes=1).forward > plan.decode
+    with pytest.raises(MemoryPlanError, match=r"guidance branches in one batch \(now 4:.*batch_size=1 \(now 32\)"):
+        check_sampling_plan(folder, **heavy, budget_bytes=plan.planned)
     assert check_sampling_plan(folder, device="cpu", branches=3, budget_bytes=plan.planned).fits
     # the margin is configurable and part of the check
     with pytest.raises(MemoryPlanError):
