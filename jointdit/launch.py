@@ -5,6 +5,7 @@
   "Could not find 'hydra/sweeper/optuna'".
 - :func:`recipes` — the Accelerate config files under ``conf/accelerate/``.
 - :func:`mixed_precision` — the one place a config value becomes Accelerate's ``mixed_precision``.
+- :func:`prepare_argv` — what every train process does to its command line before Hydra reads it.
 - :func:`export_submitit_env` — inside a SLURM job started by Hydra's submitit launcher with several
   tasks, turn SLURM's variables into the ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` Accelerate reads.
 
@@ -188,6 +189,15 @@ def rank_overrides(argv: list[str], env: dict[str, str] | None = None) -> list[s
     if not any(a.lstrip("+~").startswith("hydra/job_logging=") for a in argv):
         extra += ["hydra/job_logging=stdout", "hydra.job_logging.root.level=WARNING"]
     return extra
+
+
+def prepare_argv(argv: list[str], env: dict[str, str] | None = None) -> list[str]:
+    """The command line of a train process as Hydra must see it, whichever way it was started
+    (``python -m jointdit.train``, the ``jointdit-train`` script, ``accelerate launch`` of either):
+    a missing sweeper/launcher plugin stops here with the extra to install (:func:`check_overrides`),
+    and a rank > 0 process gets :func:`rank_overrides` appended."""
+    check_overrides(argv)
+    return [*argv, *rank_overrides(argv, env)]
 
 
 def share_output_dir(cfg) -> Path:

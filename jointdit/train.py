@@ -1,4 +1,5 @@
-"""``python -m jointdit.train [overrides]`` — compose the ``train`` config and run one training job.
+"""``python -m jointdit.train [overrides]`` (or the ``jointdit-train`` script) — compose the ``train`` config
+and run one training job.
 
     python -m jointdit.train stage=b vram=48gb        # starts from the newest matching Stage A export
     python -m jointdit.train stage=b vram=48gb stage.init_from=<stage A model folder or MLflow run id>
@@ -11,6 +12,8 @@ work, as one ``error:`` line plus a hint (exit code 2); ``HYDRA_FULL_ERROR=1`` s
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -20,7 +23,7 @@ register_resolvers()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     from jointdit.errors import run_cli
 
     return run_cli(lambda: _train(cfg))
@@ -40,11 +43,14 @@ def _train(cfg: DictConfig) -> float | None:
     return metrics.get(cfg.get("optimized_metric", "train/loss"))
 
 
+def main() -> None:
+    """The one command-line entry, for ``python -m jointdit.train`` and the ``jointdit-train`` script alike:
+    the command line is checked and completed by :func:`jointdit.launch.prepare_argv` before Hydra reads it."""
+    from jointdit.launch import prepare_argv
+
+    sys.argv[1:] = prepare_argv(sys.argv[1:])
+    hydra_main()
+
+
 if __name__ == "__main__":
-    import sys
-
-    from jointdit.launch import check_overrides, rank_overrides
-
-    check_overrides(sys.argv[1:])  # a sweeper/launcher plugin that is missing: say which extra to install
-    sys.argv += rank_overrides(sys.argv[1:])  # rank > 0 of `accelerate launch`: no .hydra/ or train.log of its own
     main()

@@ -195,3 +195,35 @@ def test_a_resumed_two_process_run_continues_exactly(tmp_path):
     # Same weights at the end, on both ranks, as the uninterrupted run.
     assert resumed["rank_checksums"] == pytest.approx(straight["rank_checksums"], rel=1e-9)
     assert resumed["final"]["ranks_in_sync"] == 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Both ways to start a training process behave the same
+# ----------------------------------------------------------------------------------------------
+
+LAUNCH_PATHS = {"python -m jointdit.train": [PYTHON, "-m", "jointdit.train"],
+                "jointdit-train script": [str(Path(PYTHON).with_name("jointdit-train"))]}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCH_PATHS))
+def test_a_missing_launcher_is_named_whichever_way_training_starts(tmp_path, launcher):
+    """hydra-ray-launcher is not part of any extra: both entry points stop before Hydra with the install hint."""
+    result = subprocess.run([*LAUNCH_PATHS[launcher], "-m", "hydra/launcher=ray", "optim.lr=1e-3,3e-4"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_env(tmp_path))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "the Ray launcher (ray) is not installed; install it with: pip install hydra-ray-launcher" in result.stderr
+    assert "Could not find" not in result.stderr  # Hydra's own error never came
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCH_PATHS))
+def test_a_rank_above_zero_writes_no_hydra_folder_whichever_way_training_starts(tmp_path, launcher):
+    """What rank 1 of `accelerate launch` would compose: no .hydra/ of its own, console logging at WARNING."""
+    result = subprocess.run([*LAUNCH_PATHS[launcher], "--cfg", "hydra"], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path, env=_env(tmp_path, RANK="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    hydra_cfg = OmegaConf.create(result.stdout).hydra
+    assert hydra_cfg.output_subdir is None and hydra_cfg.job_logging.root.level == "WARNING"
+    assert hydra_cfg.runtime.choices["hydra/job_logging"] == "stdout"
+    rank0 = subprocess.run([*LAUNCH_PATHS[launcher], "--cfg", "hydra"], capture_output=True, text=True, timeout=120,
+                           cwd=tmp_path, env=_env(tmp_path, RANK="0"))
+    assert OmegaConf.create(rank0.stdout).hydra.output_subdir == ".hydra"  # rank 0 keeps everything
