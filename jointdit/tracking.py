@@ -59,9 +59,23 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"  # MLflow's UI then opens the experiment on runs and charts, not GenAI
 
 
-def _experiment_id(client, name: str, lock_dir: Path | None) -> str:
-    """Get or create the experiment as a model-training one; parallel jobs on one sqlite store race here,
-    so take a file lock."""
+def artifact_location(logger_cfg: DictConfig, uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: ``logger.artifact_location`` (``<paths.root_dir>/mlruns`` by
+    default) as a ``file://`` URI for a local store. MLflow's own default for a sqlite store is ``./mlruns`` of
+    whatever the current directory is, so runs started from two folders would scatter their artifacts. An
+    http(s) server decides its artifact store itself (``--artifacts-destination``): None there."""
+    location = logger_cfg.get("artifact_location")
+    if not location or uri.startswith(("http://", "https://")):
+        return None
+    if "://" in str(location):  # s3://..., file://... as given
+        return str(location)
+    return Path(str(location)).expanduser().resolve().as_uri()
+
+
+def _experiment_id(client, name: str, lock_dir: Path | None, artifacts: str | None = None) -> str:
+    """Get or create the experiment as a model-training one (artifacts under ``artifacts`` when given);
+    parallel jobs on one sqlite store race here, so take a file lock. An existing experiment keeps the
+    artifact location it was created with (MLflow cannot move it)."""
     from filelock import FileLock
 
     lock_path = (lock_dir or Path.home()) / ".jointdit-mlflow.lock"
@@ -69,7 +83,8 @@ def _experiment_id(client, name: str, lock_dir: Path | None) -> str:
     with FileLock(str(lock_path), timeout=60):
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
-            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return client.create_experiment(name, artifact_location=artifacts,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         if EXPERIMENT_KIND_TAG not in experiment.tags:  # made before this tag existed
             client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
@@ -126,7 +141,8 @@ class Tracker:
                 os.environ.setdefault(key, value)   # MLflow's 7 retries with backoff (minutes); user settings win
         with _store_lock(_lock_dir(uri)):  # a fresh sqlite store is created and migrated by the client's first use
             client = MlflowClient(tracking_uri=uri)
-            experiment_id = _experiment_id(client, str(logger_cfg.experiment_name), _lock_dir(uri))
+            experiment_id = _experiment_id(client, str(logger_cfg.experiment_name), _lock_dir(uri),
+                                           artifact_location(logger_cfg, uri))
         parent_run_id = parent_run_id or os.environ.get(PARENT_ENV)
         if parent_run_id:
             tags = {**tags, "mlflow.parentRunId": parent_run_id}
@@ -246,6 +262,19 @@ def job_run_name(default: str = "run") -> str:
     return " ".join(parts) or default
 
 
+def sweep_run_name(config: DictConfig, default: str = "sweep") -> str:
+    """A sweep's parent run name: the experiment preset plus the sweep's grid, e.g.
+    ``sweep_lr_guidance optim.lr=3e-4,1e-3 guidance.w_v=1.0,2.0`` — the command-line overrides (bookkeeping
+    ones left out, as in :func:`job_run_name`) and the preset's ``hydra.sweeper.params`` not overridden there."""
+    hydra_cfg = config.hydra
+    overrides = [o for o in hydra_cfg.overrides.task if not o.lstrip("+~").startswith(NAME_NOISE)]
+    given = {o.partition("=")[0].lstrip("+~") for o in overrides}
+    preset = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
+    overrides += [f"{key}={value}" for key, value in preset.items() if str(key) not in given]
+    parts = [p for p in (_experiment_choice(hydra_cfg), " ".join(overrides)) if p]
+    return " ".join(parts) or default
+
+
 def _git(*args: str) -> str | None:
     import subprocess
 
@@ -258,9 +287,10 @@ def _git(*args: str) -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def run_tags(cfg: DictConfig, source: str = "jointdit.train") -> dict[str, str]:
+def run_tags(cfg: DictConfig, source: str = "jointdit.train", hydra_cfg: DictConfig | None = None) -> dict[str, str]:
     """Who ran what: source, git commit and dirty flag, user, host, the Hydra overrides, the experiment
-    preset, the config's ``tags`` (each as a tag of its own, and all in ``jointdit.tags``), and the task mix."""
+    preset, the config's ``tags`` (each as a tag of its own, and all in ``jointdit.tags``), and the task mix.
+    ``hydra_cfg``: the ``hydra`` node to read overrides and choices from (default: the running job's)."""
     import getpass
     import socket
 
@@ -277,7 +307,7 @@ def run_tags(cfg: DictConfig, source: str = "jointdit.train") -> dict[str, str]:
         branch = _git("rev-parse", "--abbrev-ref", "HEAD")
         if branch:
             tags["mlflow.source.git.branch"] = branch
-    hydra_cfg = _hydra_cfg()
+    hydra_cfg = hydra_cfg if hydra_cfg is not None else _hydra_cfg()
     if hydra_cfg is not None:
         tags["hydra.overrides"] = " ".join(hydra_cfg.overrides.task)
         tags["experiment"] = _experiment_choice(hydra_cfg) or "none"
@@ -383,7 +413,8 @@ except ImportError:  # pragma: no cover - hydra < 1.1
 
 
 class MlflowSweepCallback(Callback):
-    """Opens one MLflow parent run per multirun; every job's run becomes its child.
+    """Opens one MLflow parent run per multirun; every job's run becomes its child. The parent is named by
+    :func:`sweep_run_name` and tagged like a job (:func:`run_tags`: source, git, user, host, overrides, config tags).
 
     The parent's id reaches the jobs through ``JOINTDIT_MLFLOW_PARENT_RUN_ID`` (inherited by launcher
     processes) and a file in the sweep folder.
@@ -397,7 +428,8 @@ class MlflowSweepCallback(Callback):
         if logger_cfg is None or logger_cfg.get("name", "none") == "none":
             return
         sweep_dir = Path(config.hydra.sweep.dir)
-        self.tracker = Tracker(logger_cfg, run_name=f"sweep {sweep_dir.name}", tags={"jointdit.sweep_dir": str(sweep_dir)})
+        tags = {**run_tags(config, hydra_cfg=config.hydra), "jointdit.sweep_dir": str(sweep_dir)}  # as its jobs have
+        self.tracker = Tracker(logger_cfg, run_name=logger_cfg.get("run_name") or sweep_run_name(config), tags=tags)
         preset_params = OmegaConf.select(config, "hydra.sweeper.params", default=None) or {}
         swept = swept_keys(list(config.hydra.overrides.task)) + [str(k) for k in preset_params]  # + a preset's sweep
         os.environ[SWEPT_ENV] = ",".join(dict.fromkeys(swept))

@@ -71,3 +71,62 @@ def test_no_export_inside_accelerate_launch_or_for_a_single_task():
     assert _exported({**SLURM_TASK, "RANK": "0"})["done"] is False       # accelerate launch/torchrun set it
     assert _exported({**SLURM_TASK, "SLURM_NTASKS": "1"})["done"] is False
     assert _exported({})["done"] is False and _exported({})["RANK"] is None
+
+
+@pytest.fixture
+def multirun_config(tmp_path, monkeypatch):
+    """The config a multirun's callbacks receive (composed in MULTIRUN mode by Hydra itself), its MLflow
+    store under tmp_path."""
+    import os
+
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from jointdit.config import CONFIG_DIR
+
+    for key in list(os.environ):
+        if key.startswith("JOINTDIT_"):
+            monkeypatch.delenv(key)
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return GlobalHydra.instance().hydra.compose_config(
+                "train", [*overrides, f"paths.root_dir={tmp_path}", f"hydra.sweep.dir={tmp_path}/sweep",
+                          "logger.system_metrics=false"],
+                run_mode=RunMode.MULTIRUN, with_log_configuration=False)
+
+    return _compose
+
+
+@pytest.mark.parametrize("overrides, name", [
+    (["experiment=demo", "optim.lr=1e-3,3e-4", "model=tiny,small", "max_steps=3"],
+     "demo optim.lr=1e-3,3e-4 model=tiny,small max_steps=3"),
+    (["experiment=sweep_lr_guidance", "tags=[study]"],  # the grid comes from the preset's sweeper params
+     "sweep_lr_guidance tags=[study] optim.lr=3e-4,1e-3 guidance.w_v=1.0,2.0"),
+])
+def test_the_sweep_parent_run_has_the_identity_of_its_jobs(tmp_path, multirun_config, overrides, name):
+    """The parent run opened by the Hydra callback: named by preset + grid, tagged like a job run."""
+    import socket
+    import subprocess
+    from pathlib import Path
+
+    from jointdit.tracking import MlflowSweepCallback
+
+    config = multirun_config(*overrides)
+    callback = MlflowSweepCallback()
+    callback.on_multirun_start(config)
+    run_id = callback.tracker.run_id
+    callback.on_multirun_end(config)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.get_run(run_id)
+    assert run.info.run_name == name and run.info.status == "FINISHED"
+    tags = run.data.tags
+    head = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert tags["mlflow.source.git.commit"] == head.stdout.strip() and tags["git.dirty"] in ("true", "false")
+    assert tags["mlflow.source.name"] == "jointdit.train" and tags["host"] == socket.gethostname()
+    assert tags["mlflow.user"] and tags["experiment"] == overrides[0].partition("=")[2]
+    assert tags["hydra.overrides"].startswith(" ".join(overrides))
+    expected_tags = ["study"] if "tags=[study]" in overrides else ["demo"]
+    assert set(expected_tags) <= set(tags["jointdit.tags"].split(",")) and all(tags[t] == "true" for t in expected_tags)
+    assert tags["task_mix"].startswith("joint=") and tags["jointdit.sweep_dir"] == str(tmp_path / "sweep")

@@ -223,3 +223,24 @@ def test_a_training_run_is_identified_and_logs_window_means(tmp_path):
     lines = re.findall(r"step (\d+)/4 \| loss ([0-9.]+) \| loss_ema", (run_dir / "train.log").read_text())
     assert [int(s) for s, _ in lines] == [2, 4]
     assert float(lines[0][1]) == pytest.approx(logged[2], abs=1e-4)
+
+
+def test_artifacts_go_under_the_configured_root_whatever_the_current_folder(tmp_path, hydra_job, monkeypatch):
+    """MLflow's default for a sqlite store is ./mlruns of the current folder; a run started elsewhere must
+    still keep its artifacts beside its mlflow.db (``logger.artifact_location``: ``<paths.root_dir>/mlruns``)."""
+    from jointdit.tracking import open_run
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    note = tmp_path / "note.txt"
+    note.write_text("logged from another folder")
+    tracker = open_run(hydra_job("logger.system_metrics=false"))
+    tracker.log_artifact(note)
+    run_id = tracker.run_id
+    tracker.end()
+    client, run = _run(tmp_path, run_id)
+    (stored,) = (tmp_path / "mlruns").rglob("note.txt")  # on disk, where the root is, not where we stood
+    assert stored.read_text() == "logged from another folder"
+    assert not (elsewhere / "mlruns").exists()
+    assert client.get_experiment(run.info.experiment_id).artifact_location == (tmp_path / "mlruns").as_uri()
