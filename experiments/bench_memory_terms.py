@@ -1,19 +1,20 @@
-"""Held-out check of the planner: base estimate (jointdit.memory.estimate_peak) and the full estimate with
-the missing terms (jointdit.memory_terms.estimate_training) against measured peaks on CPU.
+"""The planner's one estimate (jointdit.memory.estimate_peak) against measured peaks on this machine, on two
+separate sets of set-ups: CALIBRATION rows (the only ones the fitted constants memory_terms.BACKWARD_WORKING
+and RUNTIME were read from) and HELD-OUT rows (never used to fit anything: other presets, lengths, batch sizes,
+knob mixes, foreach on/off, Adafactor / 8-bit AdamW, Stage B, LoRA, per-block checkpointing, int8 frozen
+weights, mixed attention modes, the preview sample).
 
     .venv/bin/python experiments/bench_memory_terms.py            # measure (one subprocess per set-up) + table
     .venv/bin/python experiments/bench_memory_terms.py --cached   # re-estimate against stored measurements
+    .venv/bin/python experiments/bench_memory_terms.py --only LoRA
 
-None of these set-ups was used to calibrate the planner (experiments/bench_memory.py's rows were): they
-vary the optimizer (AdamW foreach on/off, Adafactor, 8-bit AdamW where bitsandbytes is installed), the
-stage (A, B, LoRA), checkpointing, kv_downsample, lengths, batch sizes and the preview sample. Each runs
-in a fresh child with jointdit.memory.measure_peak's protocol (its calibration constant includes
-importing diffusers' EMAModel after the baseline): imports + warm-up, baseline VmRSS, VmHWM reset (/proc/self/clear_refs), then the real
-pieces — jointdit.lora.add_lora / checkpoints.select_parameters, jointdit.optimizers.build_optimizer,
-diffusers EMAModel over the trainable tensors — 2 training steps, and, for "preview", zero_grad(set_to_none)
-then a second model copy (what the sampler loads from the export) and a no-grad forward over 3 guidance
-branches with the optimizer state and EMA still held. Measured = VmHWM − baseline
-(MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave RSS). Writes experiments/results/bench_memory_terms.{md,json}.
+Each row runs in a fresh child (jointdit.memory.measure_peak): the trainer's imports and a warm-up, baseline
+VmRSS, VmHWM reset (/proc/self/clear_refs), then the real pieces — lora.add_lora / checkpoints.select_parameters,
+blockwise.apply_block_memory, quantize.quantize_frozen, optimizers.build_optimizer, diffusers EMAModel over the
+trainable tensors, gradient clipping — 2 training steps, and for "preview" an exported copy sampled over 3
+batched rows with everything still held. Measured = VmHWM − baseline (MALLOC_MMAP_THRESHOLD_=65536 so freed
+tensors leave RSS). Error = (estimate − measured) / measured; "fits" = measured <= estimate · (1 + margin).
+Writes experiments/results/bench_memory_terms.{md,json}.
 """
 
 from __future__ import annotations
@@ -23,103 +24,49 @@ import importlib.util
 import json
 import os
 import platform
-import subprocess
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import jointdit  # noqa: F401
 import torch
 
-from jointdit.memory import MEASURE_PRELUDE, Knobs, crop_shapes, estimate_peak
-from jointdit.memory_terms import estimate_training
+from jointdit.memory import DEFAULT_MARGIN, Knobs, crop_shapes, estimate_peak, measure_peak
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 2 ** 20
 VS, AS = [16, 192, 8, 8], [1, 200, 64]      # pixel_mel 64x64 @ 8 fps, 2 s
 VS3, AS3 = [24, 192, 8, 8], [1, 300, 64]    # 3 s
+VS4, AS4 = [32, 192, 8, 8], [1, 400, 64]    # 4 s
 STAGE_B = {"trainable": {"experts": {"patterns": ["blocks.*.video.*", "blocks.*.audio.*"]},
                          "in_out": {"patterns": ["video_in.*", "audio_in.*", "video_out.*", "audio_out.*"]}}}
 LORA = {"lora": {"rank": 16}}
-# name, preset, video, audio, knobs, stage, optimizer, foreach, preview
-SETUPS = [
-    ("tiny T16 B4 adamw foreach", "tiny", VS, AS, Knobs(micro_batch_size=4), None, "adamw", True, False),
-    ("small T16 B2 adamw foreach", "small", VS, AS, Knobs(micro_batch_size=2), None, "adamw", True, False),
-    ("small T24 B3 ckpt kv4 foreach", "small", VS3, AS3, Knobs(micro_batch_size=3, gradient_checkpointing=True,
-                                                              kv_downsample=4), None, "adamw", True, False),
-    ("small T16 B1 ckpt adamw single-tensor", "small", VS, AS, Knobs(micro_batch_size=1, gradient_checkpointing=True),
-     None, "adamw", False, False),
-    ("small T16 B2 adafactor", "small", VS, AS, Knobs(micro_batch_size=2), None, "adafactor", None, False),
-    ("small T16 B2 stage B foreach", "small", VS, AS, Knobs(micro_batch_size=2), STAGE_B, "adamw", True, False),
-    ("small T16 B2 LoRA r16", "small", VS, AS, Knobs(micro_batch_size=2), LORA, "adamw", True, False),
-    ("tiny T24 B2 max_t=8 q64", "tiny", VS3, AS3, Knobs(micro_batch_size=2, max_t=8, q_chunk_v=64), None, "adamw", False, False),
-    ("small T16 B1 + preview", "small", VS, AS, Knobs(micro_batch_size=1), None, "adamw", True, True),
-    ("small T16 B2 adamw8bit", "small", VS, AS, Knobs(micro_batch_size=2), None, "adamw8bit", None, False),
-]
+MIXED = ["full", "iso_v", "iso_a", "iso"]
 
-CHILD = r"""
-import json, sys
-spec = json.loads(sys.argv[1])
-import torch, jointdit, copy
-from jointdit.models import build_model
-from jointdit import lora, optimizers, checkpoints
-torch.manual_seed(0)
-""" + MEASURE_PRELUDE + r"""if spec["optimizer"] == "adafactor":
-    import transformers.optimization
-if spec["optimizer"] == "adamw8bit":
-    import bitsandbytes
-if spec["stage"] and spec["stage"].get("lora"):
-    lora._peft()
-base = rss("VmRSS")
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-from diffusers.training_utils import EMAModel  # after the baseline, exactly as jointdit.memory.measure_peak
-cfg = dict(spec["model"]); preset = cfg.pop("preset")
-model = build_model(preset, **cfg)
-k = spec["knobs"]
-model.set_memory_knobs(q_chunk_v=k["q_chunk_v"], q_chunk_a=k["q_chunk_a"], kv_downsample=k["kv_downsample"],
-                       gradient_checkpointing=k["gradient_checkpointing"])
-stage = spec["stage"] or {}
-if stage.get("lora"):
-    lora.add_lora(model, lora.groups_from_config(stage["lora"]))
-    groups = [{"params": [p for _, p in lora.lora_parameters(model)]}]
-else:
-    trainable = stage.get("trainable") or {"all": {"patterns": ["*"]}}
-    sel = checkpoints.select_parameters(model, {n: g["patterns"] for n, g in trainable.items()})
-    for p in model.parameters():
-        p.requires_grad_(False)
-    groups = []
-    for params in sel.values():
-        for _, p in params:
-            p.requires_grad_(True)
-        groups.append({"params": [p for _, p in params]})
-opt = optimizers.build_optimizer(spec["optimizer"], groups, lr=1e-4, foreach=spec["foreach"])
-trainable = [p for p in model.parameters() if p.requires_grad]
-ema = EMAModel(trainable, decay=0.999)
-b = spec["batch"]
-zv = torch.randn(b, *spec["video_shape"]); za = torch.randn(b, *spec["audio_shape"])
-model.train()
-for _ in range(2):
-    nv, na = torch.randn_like(zv), torch.randn_like(za)
-    t = torch.rand(b)
-    xv = (1 - t.view(-1, 1, 1, 1, 1)) * zv + t.view(-1, 1, 1, 1, 1) * nv
-    xa = (1 - t.view(-1, 1, 1, 1)) * za + t.view(-1, 1, 1, 1) * na
-    ov, oa = model(xv, xa, t, t, None, "full")
-    loss = ((ov - (nv - zv)) ** 2).mean() + ((oa - (na - za)) ** 2).mean()
-    loss.backward()
-    opt.step(); opt.zero_grad(set_to_none=True)
-    ema.step(trainable)
-    del ov, oa, loss, xv, xa
-train_peak = rss("VmHWM") - base
-if spec["preview"]:
-    copy_model = copy.deepcopy(model).eval()     # the exported copy the sampler loads
-    n = spec["branches"]
-    with torch.no_grad():
-        t = torch.rand(n)
-        ov, oa = copy_model(zv[:1].repeat(n, 1, 1, 1, 1), za[:1].repeat(n, 1, 1, 1), t, t, None, "full")
-    del ov, oa, copy_model
-print("MEASURE " + json.dumps({"peak": rss("VmHWM") - base, "train_peak": train_peak}))
-"""
+# (set, name, preset, video, audio, knobs, options): options are estimate_peak / measure_peak keywords
+SETUPS = [
+    ("calibration", "tiny T16 B1", "tiny", VS, AS, Knobs(micro_batch_size=1), {}),
+    ("calibration", "tiny T16 B4", "tiny", VS, AS, Knobs(micro_batch_size=4), {}),
+    ("calibration", "tiny T16 B8", "tiny", VS, AS, Knobs(micro_batch_size=8), {}),
+    ("held-out", "tiny T16 B4 adamw foreach", "tiny", VS, AS, Knobs(micro_batch_size=4), {"foreach": True}),
+    ("held-out", "small T16 B2 adamw foreach", "small", VS, AS, Knobs(micro_batch_size=2), {"foreach": True}),
+    ("held-out", "small T24 B3 ckpt kv4 foreach", "small", VS3, AS3,
+     Knobs(micro_batch_size=3, gradient_checkpointing=True, kv_downsample=4), {"foreach": True}),
+    ("held-out", "small T16 B1 ckpt single-tensor", "small", VS, AS,
+     Knobs(micro_batch_size=1, gradient_checkpointing=True), {"foreach": False}),
+    ("held-out", "small T32 B2 checkpoint_blocks=4", "small", VS4, AS4, Knobs(micro_batch_size=2, checkpoint_blocks=4),
+     {}),
+    ("held-out", "small T16 B2 adafactor", "small", VS, AS, Knobs(micro_batch_size=2), {"optimizer": "adafactor"}),
+    ("held-out", "small T16 B2 stage B foreach", "small", VS, AS, Knobs(micro_batch_size=2),
+     {"stage": STAGE_B, "foreach": True}),
+    ("held-out", "small T16 B2 LoRA r16", "small", VS, AS, Knobs(micro_batch_size=2), {"stage": LORA}),
+    ("held-out", "small T16 B2 LoRA r16 int8 frozen", "small", VS, AS, Knobs(micro_batch_size=2),
+     {"stage": LORA, "quantize_frozen": "int8"}),
+    ("held-out", "tiny T24 B2 max_t=8 q64", "tiny", VS3, AS3, Knobs(micro_batch_size=2, max_t=8, q_chunk_v=64), {}),
+    ("held-out", "tiny T16 B4 mixed modes", "tiny", VS, AS, Knobs(micro_batch_size=4), {"modes": MIXED}),
+    ("held-out", "small T16 B1 + preview", "small", VS, AS, Knobs(micro_batch_size=1),
+     {"foreach": True, "preview_branches": 3}),
+    ("held-out", "small T16 B2 adamw8bit", "small", VS, AS, Knobs(micro_batch_size=2), {"optimizer": "adamw8bit"}),
+]
 
 
 def model_cfg(preset: str, vs, as_) -> dict:
@@ -127,14 +74,24 @@ def model_cfg(preset: str, vs, as_) -> dict:
                 audio_latent_fps=100.0)
 
 
-def measure(spec: dict) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
-    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, env=env,
-                         timeout=1800)
-    for line in res.stdout.splitlines():
-        if line.startswith("MEASURE "):
-            return json.loads(line[8:])
-    raise RuntimeError(f"child failed (rc={res.returncode}):\n{res.stderr[-3000:]}")
+def estimate(mc: dict, vs, as_, kn: Knobs, options: dict):
+    """The planner's estimate for a row: measure_peak's options mapped onto estimate_peak's."""
+    from jointdit.memory import PreviewTerms
+
+    opts = dict(options)
+    modes = opts.pop("modes", "full")
+    branches = opts.pop("preview_branches", 0)
+    return estimate_peak(mc, vs, as_, kn, mixed_modes=not isinstance(modes, str),
+                         preview=PreviewTerms(branches=branches, media=0) if branches else None, **opts)
+
+
+def needs(options: dict) -> str | None:
+    """The missing library a row needs, or None."""
+    if options.get("optimizer") == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes (pip install 'jointdit[lowmem]')"
+    if options.get("quantize_frozen") and importlib.util.find_spec("optimum") is None:
+        return "optimum-quanto (pip install 'jointdit[quant]')"
+    return None
 
 
 def main() -> None:
@@ -144,50 +101,52 @@ def main() -> None:
     a = ap.parse_args()
     raw_path = RESULTS / "bench_memory_terms.json"
     cache = json.loads(raw_path.read_text()) if raw_path.exists() else {}
-    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
     rows = []
-    for name, preset, vs, as_, kn, stage, optimizer, foreach, preview in SETUPS:
+    for group, name, preset, vs, as_, kn, options in SETUPS:
         if a.only and a.only not in name:
             continue
-        if optimizer == "adamw8bit" and not has_bnb and name not in cache:
-            print(f"skip {name}: bitsandbytes not installed (pip install 'jointdit[lowmem]')", file=sys.stderr)
+        missing = needs(options)
+        if missing and name not in cache:
+            print(f"skip {name}: needs {missing}", file=sys.stderr)
             continue
         mc = model_cfg(preset, vs, as_)
-        cv, ca = crop_shapes(vs, as_, kn.max_t, 8.0, 100.0)
         if name not in cache or not a.cached:
-            spec = {"model": mc, "video_shape": cv, "audio_shape": ca, "knobs": asdict(kn), "batch": kn.micro_batch_size,
-                    "stage": stage, "optimizer": optimizer, "foreach": foreach, "preview": preview, "branches": 3}
-            cache[name] = measure(spec)
-            print(name, round(cache[name]["peak"] / MiB, 1), file=sys.stderr)
+            cv, ca = crop_shapes(vs, as_, kn.max_t, 8.0, 100.0)
+            cache[name] = measure_peak(mc, cv, ca, kn, **options)
+            print(name, round(cache[name] / MiB, 1), file=sys.stderr, flush=True)
             RESULTS.mkdir(exist_ok=True)
-            raw_path.write_text(json.dumps(cache, indent=1))
-        meas = cache[name]["peak"]
-        base = estimate_peak(mc, vs, as_, kn, training=True).total
-        full = estimate_training(mc, vs, as_, kn, stage=stage, optimizer=optimizer, foreach=foreach, preview=preview,
-                                 preview_branches=3)
-        rows.append((name, full.info["trainable"] / 1e6, base / MiB, full.total / MiB, meas / MiB,
-                     (base - meas) / meas, (full.total - meas) / meas))
+            tmp = raw_path.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.replace(raw_path)
+        est = estimate(mc, vs, as_, kn, options)
+        meas = cache[name]
+        rows.append((group, name, est.info.get("trainable", 0) / 1e6, est.total / MiB, meas / MiB,
+                     (est.total - meas) / meas, meas <= est.planned(DEFAULT_MARGIN)))
     lines = [
-        "# Memory planner on held-out set-ups: base estimate vs full estimate (memory_terms) vs measured",
+        "# Memory planner: the one estimate against measured peaks (calibration and held-out set-ups)",
         "",
         f"Command: `.venv/bin/python experiments/bench_memory_terms.py` (host: {platform.machine()}, torch "
-        f"{torch.__version__}, CPU fp32, {os.cpu_count()} cores). Re-estimate only: `--cached`.",
+        f"{torch.__version__}, CPU fp32, {os.cpu_count()} cores, shared). Re-estimate only: `--cached`.",
         "",
-        "Base = `jointdit.memory.estimate_peak` (full AdamW state for all parameters, max(grads, activations), no "
-        "optimizer transient, no preview). Full = `jointdit.memory_terms.estimate_training` (optimizer state and "
-        "step transient per optimizer and `foreach`, trainable set per stage, grads + activations under "
-        "checkpointing, preview copy + sampling forward). None of these rows was used to fit any constant.",
+        "Estimate = `jointdit.memory.estimate_peak` (saved activations per block as autograd keeps them, the backward "
+        "simulated block by block, optimizer state and step transient per optimizer and `foreach`, EMA, the stage's "
+        "trainable set, int8 frozen weights, the preview copy). Measured = `jointdit.memory.measure_peak` (child "
+        "process, VmHWM above the baseline taken after the trainer's imports). The fitted constants "
+        "(`memory_terms.BACKWARD_WORKING`, `RUNTIME`) were read from the **calibration** rows only; the **held-out** "
+        f"rows fitted nothing. fits = measured <= estimate x (1 + {DEFAULT_MARGIN}) (`vram.margin`).",
         "",
-        "| set-up | trainable (M) | base MiB | full MiB | measured MiB | base error | full error |",
+        "| set | set-up | trainable (M) | estimate MiB | measured MiB | error | fits with margin |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, tr, base, full, meas, eb, ef in rows:
-        lines.append(f"| {name} | {tr:.2f} | {base:.1f} | {full:.1f} | {meas:.1f} | {eb:+.1%} | {ef:+.1%} |")
-    if rows:
-        errs = [r[6] for r in rows]
-        lines += ["", f"Full estimate: worst under-estimate {min(errs):+.1%}, worst over-estimate {max(errs):+.1%}, "
-                  f"mean |error| {sum(abs(e) for e in errs) / len(errs):.1%} over {len(rows)} set-ups; base estimate "
-                  f"under-estimated {sum(r[5] < 0 for r in rows)} of {len(rows)}."]
+    for group, name, tr, est, meas, err, fits in rows:
+        lines.append(f"| {group} | {name} | {tr:.2f} | {est:.1f} | {meas:.1f} | {err:+.1%} | {'yes' if fits else 'NO'} |")
+    held = [r for r in rows if r[0] == "held-out"]
+    if held:
+        errs = [r[5] for r in held]
+        lines += ["", f"Held-out ({len(held)} set-ups): worst under-estimate {min(errs):+.1%}, worst over-estimate "
+                  f"{max(errs):+.1%}, mean |error| {sum(abs(e) for e in errs) / len(errs):.1%}; within ±10%: "
+                  f"{sum(abs(e) <= 0.10 for e in errs)} of {len(held)}; fits with the margin: "
+                  f"{sum(r[6] for r in held)} of {len(held)}."]
     (RESULTS / "bench_memory_terms.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -270,23 +270,24 @@ def estimate_peak(model_config: Mapping[str, Any], video_shape: Sequence[int], a
     est.transient = T.step_transient(optimizer, tr, foreach, device)
     # saved for backward, per block; the first k blocks are checkpointed (keep only their inputs x_v, x_a);
     # with offload (CUDA) the others keep nothing on the device until their backward brings them back
+    saved_value = T.MIXED_SAVED_BYTES if mixed else 4
     k = kn.checkpointed(depth)
     offload = bool(kn.offload_activations) and device == "cuda"
-    saved = [T.block_saved_bytes(blk, tokens, d, mlp, heads, b, ab, mixed_modes and b > 1, attention_kernel)
+    saved = [T.block_saved_bytes(blk, tokens, d, mlp, heads, b, saved_value, mixed_modes and b > 1, attention_kernel)
              for blk in tr.blocks]
     inputs = b * n * d * 4                                   # the residual stream stays fp32
     kept = [inputs if i < k else (0 if offload else saved[i]) for i in range(depth)]
     # outside the blocks: patch-embed / output-layer / loss tensors saved, and the batch (clean latents, noise,
     # noisy input, target) live through the step
-    io = b * (ab * (nv * (3 * d + patch_v) + na * (3 * d + patch_a) + 2 * n_ctx * d) + 4 * 6 * latent)
-    est.overhead = io + T.RUNTIME
+    io = b * (saved_value * (nv * (3 * d + patch_v) + na * (3 * d + patch_a) + 2 * n_ctx * d) + 4 * 6 * latent)
+    est.overhead = io + T.RUNTIME                            # runtime memory is held through the whole step
     est.activations = sum(kept)
     est.attention = sum(b * 2 * heads * tokens.queries * tokens.keys * ab for _ in range(depth - k)) \
         if attention_kernel == "math" else 0
     frozen_transient = 4 * max((T._numel(s) for s in frozen_linear), default=0)  # one weight dequantised at a time
     est.backward = T.backward_peak(saved, kept, [blk.grad_bytes for blk in tr.blocks], io, tr.grad_bytes_io) \
         + frozen_transient
-    resident = est.params + est.casts + est.optimizer + est.ema
+    resident = est.params + est.casts + est.optimizer + est.ema + T.RUNTIME
     step = est.grads + est.transient
     train = resident + max(est.backward, step)
     if preview is not None:

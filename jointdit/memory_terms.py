@@ -3,12 +3,12 @@
 Training, one optimizer step (P = all weights, θ = the trainable ones, per block i = 0 … depth−1):
 
     resident   = weights(P, quantized frozen linears at 1 byte + scales) + adapters + casts(2·P, mixed precision)
-                 + optimizer state(θ) + EMA(4·θ)
+                 + optimizer state(θ) + EMA(4·θ) + C (runtime memory held through the whole step)
     saved_i    = what autograd keeps of block i (:func:`block_saved_bytes`, exact: checked against
                  :mod:`jointdit.memory_trace`); a checkpointed block keeps only its inputs (x_v, x_a);
                  an offloaded block (CUDA, ``save_on_cpu``) keeps nothing on the device
     backward   = max over i of [ io + Σ_{j<i} kept_j + saved_i + Σ_{j≥i} grads_j + grads_io
-                               + ρ · saved_i + C ]          (block i's backward: its activations are
+                               + ρ · saved_i ]              (block i's backward: its activations are
                  (re)computed and their gradients built while the later blocks' weight gradients are held)
     step       = grads(θ) + transient(optimizer, foreach)   optimizer.step() runs while the gradients are held
     train      = resident + max(backward, step)
@@ -41,13 +41,19 @@ from typing import Any
 
 MiB = 1024 ** 2
 # Backward working set of one block, in units of that block's saved activations: the gradients of its
-# intermediates (about one per saved tensor) and autograd's buffers. Fitted (CPU fp32) on the calibration rows:
-# 1.1 (tiny, batch 1-8).
-BACKWARD_WORKING = 1.1
+# intermediates being built and autograd's buffers, beyond what the io term already holds (the batch, noise,
+# noisy input, target and loss tensors). Fitted (CPU fp32) on the calibration rows of
+# experiments/bench_memory_terms.py (tiny, batch 1 / 4 / 8: all three within 0.1 %).
+BACKWARD_WORKING = 0.35
 # Runtime memory a training step holds that no tensor accounts for: autograd engine, oneDNN primitive cache and
-# heap fragmentation on the CPU (12-13 MiB stay after backward on the calibration rows); the cuBLAS workspace
-# and cuDNN handles on CUDA (not measured here: the same figure is used).
-RUNTIME = 16 * MiB
+# heap fragmentation on the CPU (fitted with BACKWARD_WORKING on the same rows); the cuBLAS workspace and cuDNN
+# handles on CUDA (not measured here: no GPU; the margin must cover the difference).
+RUNTIME = 8 * MiB
+
+# Bytes per saved value under autocast (bf16/fp16 on CUDA) — NOT measured (no GPU here): autocast keeps the
+# residual stream and LayerNorm/QK-norm tensors in fp32 and adds low-precision copies of every matmul input, so
+# the fp32 count (4) is not a bound (qkv + its fp32 QK-norm copies: 14·D bytes vs 12·D); 5 covers that with room.
+MIXED_SAVED_BYTES = 5
 
 ROLE_MODULES = {"ada": "adaLN_modulation.1", "qkv": "qkv", "proj": "proj", "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
 
@@ -264,7 +270,7 @@ def block_saved_bytes(block: BlockTraining, tokens: Tokens, d: int, mlp: int, he
 
 def backward_peak(saved: Sequence[int], kept: Sequence[int], grads: Sequence[int], io: int, grads_io: int) -> int:
     """Peak bytes of the backward pass above the resident weights and states (module docstring):
-    ``max_i [io + Σ_{j<i} kept_j + saved_i + Σ_{j≥i} grads_j + grads_io + ρ·saved_i] + C``, where
+    ``max_i [io + Σ_{j<i} kept_j + saved_i + Σ_{j≥i} grads_j + grads_io + ρ·saved_i]``, where
     ``kept_j`` is what block j holds until its backward (its saved tensors, or only its inputs when
     checkpointed, or nothing when offloaded) and ``saved_i`` what block i's backward needs (recomputed if
     checkpointed)."""
@@ -272,7 +278,7 @@ def backward_peak(saved: Sequence[int], kept: Sequence[int], grads: Sequence[int
     for i in range(depth - 1, -1, -1):
         live = io + sum(kept[:i]) + saved[i] * (1 + BACKWARD_WORKING) + sum(grads[i:]) + grads_io
         peak = max(peak, live)
-    return int(peak + RUNTIME)
+    return int(peak)
 
 
 def weights_bytes(folder: str | Path | None) -> int:

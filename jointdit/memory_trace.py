@@ -16,7 +16,7 @@ log-sum-exp [B, H, Nq]. ``kernel="math"`` keeps torch's own meta path.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -51,7 +51,7 @@ class _FusedSDPA(TorchFunctionMode):
 def trace_saved(model: torch.nn.Module, video_shape: Sequence[int], audio_shape: Sequence[int], batch: int,
                 modes: str | list[str] = "full", kernel: str = "flash", cond: Any = None) -> dict[str, int]:
     """Bytes of unique saved storages per place (``"io"``, ``"b0"``, ``"b1"``, …) of one forward of ``model``
-    (built on the meta device, its ``requires_grad`` flags set as the stage trains) on batch ``batch`` of
+    (built on the meta device with ``requires_grad`` set as the stage trains: ``memory_terms.stage_model``) on batch ``batch`` of
     latents ``video_shape`` [T, C, h, w] / ``audio_shape`` [C, L, F], plus the loss."""
     params = {p.untyped_storage()._cdata for p in model.parameters()}
     seen: dict[int, tuple[int, str]] = {}
@@ -85,26 +85,3 @@ def trace_saved(model: torch.nn.Module, video_shape: Sequence[int], audio_shape:
     for nbytes, place in seen.values():
         out[place] += nbytes
     return dict(out)
-
-
-def meta_model(model_config: Mapping[str, Any], trainable: str | Sequence[str] = "*", lora: Mapping[str, Any] | None = None):
-    """A JointDiT on the meta device with ``requires_grad`` as a stage sets it: glob ``trainable`` patterns
-    (Stage A ``"*"``, Stage B its groups), or LoRA adapters (``lora``: a ``stage.lora`` mapping) with the base frozen."""
-    from fnmatch import fnmatch
-
-    from jointdit.memory import _full_config
-    from jointdit.models.jointdit import JointDiT
-
-    with torch.device("meta"):
-        model = JointDiT(**_full_config(model_config))
-    model.train()
-    if lora:
-        from jointdit import lora as lora_mod
-
-        with torch.device("meta"):
-            lora_mod.add_lora(model, lora_mod.groups_from_config(dict(lora)))
-        return model
-    patterns = [trainable] if isinstance(trainable, str) else list(trainable)
-    for name, p in model.named_parameters():
-        p.requires_grad_(any(fnmatch(name, pat) for pat in patterns))
-    return model

@@ -68,7 +68,7 @@ def test_resolve_vram_decides_with_the_one_estimate_and_auto_keeps_user_knobs():
     c = compose("train", ["model=small", "vram=48gb", "data.seconds=4"])
     with pytest.raises(MemoryPlanError, match=r"vram\."):
         resolve_vram(c, device="cpu", budget_bytes=256 * 2**20)
-    c = compose("train", ["model=small", "vram=cpu", "vram.micro_batch_size=2", "+vram.margin=0.2"])
+    c = compose("train", ["model=small", "vram=cpu", "vram.micro_batch_size=2", "vram.margin=0.2"])
     vs, as_, fv, fa = shapes_from_cfg(c)
     from jointdit.memory import _model_config_for
 
