@@ -2,9 +2,16 @@
 
 - A *checkpoint* is an Accelerate ``save_state`` folder (model, optimizer, scheduler, EMA, RNG) plus
   ``trainer_state.json`` (step, loss history), named ``checkpoints/step_000100``.
-- An *exported model folder* is ``save_pretrained`` output (``config.json`` +
+- An *exported model folder* is what ``save_pretrained`` writes (``config.json`` +
   ``diffusion_pytorch_model.safetensors``) plus ``jointdit.json`` (codec and data settings the sampler
   needs). Nothing here unpickles arbitrary objects: weights are safetensors, metadata is JSON.
+
+Sharded training (Accelerate FSDP, ``conf/accelerate/fsdp.yaml``; FSDP2: every parameter a ``DTensor``
+split over the ranks). The weights that are written are always FULL tensors, so an FSDP export or
+checkpoint loads exactly like a DDP one (:func:`load_model`, no FSDP needed). Gathering them is a
+collective: :func:`export_state_dict`, :func:`save_training_state` and :func:`load_ema` must be called on
+EVERY rank; only rank 0 writes. The EMA shadow weights are sharded like the parameters they follow (the
+EMA must be built from the prepared model's parameters) and are gathered/split the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +29,103 @@ CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
 EXPORT_META = "jointdit.json"
 EMA_FILE = "ema.safetensors"
+
+
+MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"  # the name save_pretrained gives a model's weights
+CHECKPOINT_WEIGHTS = "model.safetensors"                # Accelerate's save_state name (unsharded runs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Full tensors from sharded training (FSDP2)
+# ----------------------------------------------------------------------------------------------
+
+
+def sharded(accelerator) -> bool:
+    """Whether the prepared model's parameters are split over the processes (Accelerate FSDP)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
+
+
+def require_supported_sharding(accelerator) -> None:
+    """Refuse FSDP1: its flattened parameter shards cannot carry the EMA shadow weights; FSDP2 keeps one
+    sharded tensor per parameter (and lets Stage B freeze part of a block)."""
+    if sharded(accelerator) and not accelerator.is_fsdp2:
+        raise ValueError("FSDP version 1 is not supported (the EMA weights and exports need per-parameter shards); "
+                         "set fsdp_config.fsdp_version: 2 in the accelerate config, as conf/accelerate/fsdp.yaml does")
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on CPU: a DTensor shard is all-gathered (a collective: every rank calls it)."""
+    return (tensor.full_tensor() if is_dtensor(tensor) else tensor).detach().cpu()
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (a DTensor's local shard; a plain tensor itself)."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def load_full_into(target: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy a full tensor into ``target``; a DTensor target takes its own shard of it (every rank calls this)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    with torch.no_grad():
+        if is_dtensor(target):
+            target.copy_(distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements))
+        else:
+            target.copy_(full)
+
+
+def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights as full CPU tensors, keyed like the bare module's ``state_dict``.
+
+    Sharded: ``accelerator.get_state_dict`` (FSDP2: ``get_model_state_dict(full_state_dict=True)``), a
+    collective that every rank must enter; rank 0 gets the weights. Unsharded: the main process clones its
+    copy (a clone, so a later in-place change such as an EMA restore cannot alter it); other ranks get ``{}``.
+    """
+    if sharded(accelerator):
+        return {k: v.detach().cpu().contiguous() for k, v in accelerator.get_state_dict(model).items()}
+    if accelerator is not None and not accelerator.is_main_process:
+        return {}
+    bare = accelerator.unwrap_model(model) if accelerator is not None else model
+    return {k: v.detach().cpu().clone().contiguous() for k, v in bare.state_dict().items()}
+
+
+def export_state_dict(accelerator, model: torch.nn.Module, ema=None) -> dict[str, torch.Tensor]:
+    """The weights an export writes: for each trainable parameter its EMA weight when ``ema`` is given
+    (diffusers ``EMAModel`` over the trainable parameters, in order), every other tensor as it is; full size
+    (:func:`full_state_dict`). The live weights are restored afterwards. Every rank must call it."""
+    bare = accelerator.unwrap_model(model) if accelerator is not None else model
+    trainable = [p for p in bare.parameters() if p.requires_grad]
+    if ema is not None:
+        ema.store(trainable)
+        ema.copy_to(trainable)
+    try:
+        return full_state_dict(accelerator, model)
+    finally:
+        if ema is not None:
+            ema.restore(trainable)
+
+
+def require_finite_everywhere(accelerator, tensors: list[tuple[str, torch.Tensor]], what: str, step: int | None,
+                              last_good: Path | None) -> None:
+    """:func:`jointdit.guards.require_finite` over every rank's shards: when one rank's shard holds NaN/Inf,
+    every rank raises (one rank stopping alone would leave the others waiting in the next collective)."""
+    from jointdit.guards import nonfinite_tensors, require_finite
+
+    local = [(name, local_tensor(t)) for name, t in tensors]
+    if not sharded(accelerator):
+        return require_finite(local, what, step, last_good)
+    from accelerate.utils import gather_object
+
+    bad = sorted({name for names in gather_object([nonfinite_tensors(local)]) for name in names})
+    require_finite([(name, torch.full((), float("nan"))) for name in bad], what, step, last_good)  # names any rank found
 
 
 def step_dir(root: Path, step: int) -> Path:
@@ -77,17 +181,18 @@ def read_state(path: Path) -> dict[str, Any]:
 def save_training_state(accelerator, root: Path, step: int, history: list[dict], model, ema, keep: int) -> Path:
     """Checkpoint ``root/step_NNNNNN``: Accelerate state (model, optimizer, scheduler, RNG), the EMA weights as
     safetensors and ``trainer_state.json`` (step, loss history, model config, EMA counters) — written into a
-    temp folder and renamed, so a crash never leaves a half-written checkpoint. Keeps the newest ``keep``."""
+    temp folder and renamed, so a crash never leaves a half-written checkpoint. Keeps the newest ``keep``.
+    Sharded (FSDP): Accelerate writes its own full-state files, and ``model.safetensors`` is written from the
+    gathered weights so the checkpoint verifies and loads like an unsharded one. Every rank calls this."""
     from jointdit import safeio
-    from jointdit.guards import require_finite
 
     final = step_dir(root, step)
     tmp = root / f".tmp_{final.name}"
     last_good = (list_checkpoints(root) or [None])[-1]
-    require_finite(model, f"checkpoint {final}", step, last_good)  # never save NaN/Inf weights (or EMA weights)
+    tensors = list(model.state_dict().items())  # never save NaN/Inf weights (or EMA weights)
     if ema is not None:
-        require_finite([(f"ema.shadow.{i}", p) for i, p in enumerate(ema.shadow_params)], f"checkpoint {final}", step,
-                       last_good)
+        tensors += [(f"ema.shadow.{i}", p) for i, p in enumerate(ema.shadow_params)]
+    require_finite_everywhere(accelerator, tensors, f"checkpoint {final}", step, last_good)
     try:
         _write_training_state(accelerator, tmp, final, step, history, model, ema)
     except OSError as err:  # disk full: no temp left, the last good checkpoint untouched
@@ -108,42 +213,94 @@ def _write_training_state(accelerator, tmp: Path, final: Path, step: int, histor
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
+    from safetensors.torch import save_file
+
     accelerator.save_state(str(tmp), safe_serialization=True)
+    weights = full_state_dict(accelerator, model) if sharded(accelerator) else None  # collectives: every rank
+    shadow = [full_tensor(p).contiguous() for p in ema.shadow_params] if ema is not None else []
     if accelerator.is_main_process:
         state = {"step": step, "history": history, "model_config": dict(model.config)}
+        if weights is not None:
+            save_file(weights, str(tmp / CHECKPOINT_WEIGHTS), metadata={"format": "pt"})
         if ema is not None:
-            from safetensors.torch import save_file
-
-            save_file({f"shadow.{i}": p.detach().contiguous().cpu() for i, p in enumerate(ema.shadow_params)},
-                      str(tmp / EMA_FILE))
+            save_file({f"shadow.{i}": p for i, p in enumerate(shadow)}, str(tmp / EMA_FILE))
             state["ema"] = {"optimization_step": int(ema.optimization_step), "decay": float(ema.decay)}
         (tmp / STATE_FILE).write_text(json.dumps(state, default=str))
         safeio.apply_umask(tmp)  # safetensors writes 0600 files
 
 
+def load_training_state(accelerator, folder: Path) -> None:
+    """``accelerator.load_state(folder)`` (model, optimizer, LR schedule, RNG); every rank calls it.
+
+    Sharded (FSDP2), Accelerate loads the optimizer with torch's strict ``set_optimizer_state_dict``, which
+    refuses a checkpoint lacking state for a parameter that requires grad — and a parameter that never got a
+    gradient has none (the condition projections of a run without CLIP features). So there the optimizers are
+    loaded here, non-strictly, from the same full-state files Accelerate wrote (weights-only loads), and
+    Accelerate loads everything else."""
+    if not sharded(accelerator):
+        accelerator.load_state(str(folder))
+        return
+    from accelerate.utils.constants import OPTIMIZER_NAME
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    from jointdit.safeload import safe_torch_load
+
+    optimizers, accelerator._optimizers = accelerator._optimizers, []  # what load_state iterates over
+    try:
+        accelerator.load_state(str(folder))
+    finally:
+        accelerator._optimizers = optimizers
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+    for index, (optimizer, model) in enumerate(zip(optimizers, accelerator._models)):
+        name = f"{OPTIMIZER_NAME}.bin" if index == 0 else f"{OPTIMIZER_NAME}_{index}.bin"
+        state = safe_torch_load(Path(folder) / name) if accelerator.is_main_process else None  # rank 0 broadcasts
+        set_optimizer_state_dict(model, optimizer.optimizer, state, options=options)
+    accelerator.wait_for_everyone()
+
+
 def load_ema(ema, folder: Path, state: dict[str, Any]) -> None:
-    """Restore the EMA shadow weights and counter that :func:`save_training_state` wrote."""
+    """Restore the EMA shadow weights and counter that :func:`save_training_state` wrote (full tensors; a
+    sharded shadow takes its own shard, so every rank calls this)."""
     from safetensors.torch import load_file
 
     shadow = load_file(str(Path(folder) / EMA_FILE))
     if len(shadow) != len(ema.shadow_params):
         raise ValueError(f"{Path(folder) / EMA_FILE} holds {len(shadow)} EMA tensors, this run has {len(ema.shadow_params)}")
     for i, param in enumerate(ema.shadow_params):
-        param.data.copy_(shadow[f"shadow.{i}"])
+        load_full_into(param, shadow[f"shadow.{i}"])
     ema.optimization_step = int(state["ema"]["optimization_step"])
 
 
-def export_model(model, folder: Path, meta: dict[str, Any]) -> Path:
-    """``save_pretrained`` into a temp folder beside ``folder`` plus ``jointdit.json``, then rename."""
+def _save_config(model, folder: Path) -> None:
+    """``model.save_config(folder)``, naming the model's own class: FSDP2 turns ``JointDiT`` into a subclass
+    ``FSDPJointDiT``, whose name diffusers would otherwise write as ``_class_name``."""
+    from torch.distributed.fsdp import FSDPModule
+
+    config = json.loads(model.to_json_string())
+    config["_class_name"] = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule)).__name__
+    (folder / model.config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def export_model(model, folder: Path, meta: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """The model folder ``save_pretrained`` would write — ``config.json`` (``model.save_config``) and
+    ``diffusion_pytorch_model.safetensors`` — plus ``jointdit.json``, in a temp folder beside ``folder``, then
+    renamed. ``state_dict``: the full weights to write (:func:`export_state_dict`: EMA weights, gathered from
+    FSDP shards); default: the model's own. One writer for every launch, so all exports load alike."""
+    from safetensors.torch import save_file
+
     from jointdit import safeio
     from jointdit.guards import require_finite
 
-    require_finite(model, f"export {folder}", meta.get("step"))  # never export NaN/Inf weights
+    if state_dict is None:
+        state_dict = full_state_dict(None, model)
+    require_finite(state_dict, f"export {folder}", meta.get("step"))  # never export NaN/Inf weights
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        tmp.mkdir()
+        _save_config(model, tmp)
+        save_file(state_dict, str(tmp / MODEL_WEIGHTS), metadata={"format": "pt"})  # save_pretrained's metadata
         (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2, default=str))
         safeio.apply_umask(tmp)
         replace_dir(tmp, folder)
@@ -174,7 +331,7 @@ def load_model(path: str | os.PathLike):
 
     if lora.is_adapter_folder(path):  # a LoRA export: its base model with the adapter merged in
         return lora.load_with_adapters(path, merge=True)
-    weights = path / "model.safetensors"
+    weights = path / CHECKPOINT_WEIGHTS
     if weights.exists() and (path / STATE_FILE).exists():
         model = JointDiT.from_config(verify_checkpoint_folder(path)["model_config"])
         model.load_state_dict(load_file(str(weights)))

@@ -85,7 +85,8 @@ def test_accelerate_recipes_load_as_accelerate_configs():
     configs = {name: ClusterConfig.from_yaml_file(str(path)) for name, path in found.items()}
     assert all(c.mixed_precision == "no" for c in configs.values())
     fsdp = configs["fsdp"].fsdp_config
-    assert configs["fsdp"].distributed_type == "FSDP" and fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
+    assert configs["fsdp"].distributed_type == "FSDP" and fsdp["fsdp_version"] == 2  # per-parameter shards (EMA)
+    assert fsdp["fsdp_reshard_after_forward"] is True  # FSDP2's full shard
     assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
     from jointdit.models import jointdit as model_module
