@@ -713,7 +713,7 @@ def sample_to_files(cfg: DictConfig | Mapping) -> SampleResult:
                            clip=cfg.get("clip"), kv_downsample=cfg.get("kv_downsample"),
                            spec=cfg.get("manual_shapes"), cache_dir=paths.get("cache_dir"),
                            adapters=cfg.get("adapters"), merge_adapters=bool(cfg.get("merge_adapters", False)),
-                           plan_for=request)
+                           check_memory=bool(cfg.get("check_memory", True)), plan_for=request)
     tracker = Tracker(cfg.get("logger"), run_name=job_run_name(str(cfg.get("task_name", "sample"))))
     if isinstance(cfg, DictConfig):
         tracker.log_params(flatten(cfg))

@@ -674,6 +674,7 @@ def preview_sample(cfg: DictConfig, model_folder: Path, out_dir: Path, device: t
         sample_cfg.pop(key)
     sample_cfg = OmegaConf.merge(sample_cfg, {
         "checkpoint": str(model_folder), "task": "joint", "steps": int(cfg.sample_steps), "seeds": [int(cfg.seed)],
+        "check_memory": False,  # the training plan already holds the preview (memory_terms); RAM it uses is not free
         "out_dir": str(out_dir), "device": device.type, "progress": False,
         "guidance": OmegaConf.to_container(cfg.guidance, resolve=True),
         "vram": OmegaConf.to_container(cfg.vram, resolve=True), "logger": {"name": "none"},

@@ -66,7 +66,9 @@ class TrainingEvaluator:
 
         import torch
 
-        session = load_session(model_folder, device=device)
+        # no sampling-plan check here: the training run's plan holds it, and the memory training itself uses
+        # would count as unavailable
+        session = load_session(model_folder, device=device, check_memory=False)
         real, events, captions = self._real_clips(session.spec)
         out_dir = Path(out_dir)
         with torch.random.fork_rng(devices=[session.device] if session.device.type == "cuda" else []):
