@@ -9,9 +9,10 @@
 Sharded training (Accelerate FSDP, ``conf/accelerate/fsdp.yaml``; FSDP2: every parameter a ``DTensor``
 split over the ranks). The weights that are written are always FULL tensors, so an FSDP export or
 checkpoint loads exactly like a DDP one (:func:`load_model`, no FSDP needed). Gathering them is a
-collective: :func:`export_state_dict`, :func:`save_training_state` and :func:`load_ema` must be called on
-EVERY rank; only rank 0 writes. The EMA shadow weights are sharded like the parameters they follow (the
-EMA must be built from the prepared model's parameters) and are gathered/split the same way.
+collective: :func:`export_state_dict`, :func:`save_training_state`, :func:`load_training_state` and
+:func:`load_ema` must be called on EVERY rank; only rank 0 writes. The EMA shadow weights are sharded like
+the parameters they follow (the EMA must be built from the prepared model's parameters) and are
+gathered/split the same way.
 """
 
 from __future__ import annotations
@@ -25,14 +26,12 @@ from typing import Any
 
 import torch
 
+from jointdit.safeload import CHECKPOINT_WEIGHTS, MODEL_WEIGHTS  # save_pretrained's and Accelerate's weight names
+
 CHECKPOINT_PREFIX = "step_"
 STATE_FILE = "trainer_state.json"
 EXPORT_META = "jointdit.json"
 EMA_FILE = "ema.safetensors"
-
-
-MODEL_WEIGHTS = "diffusion_pytorch_model.safetensors"  # the name save_pretrained gives a model's weights
-CHECKPOINT_WEIGHTS = "model.safetensors"                # Accelerate's save_state name (unsharded runs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -97,12 +96,26 @@ def full_state_dict(accelerator, model: torch.nn.Module) -> dict[str, torch.Tens
     return {k: v.detach().cpu().clone().contiguous() for k, v in bare.state_dict().items()}
 
 
+def trainable_parameters(accelerator, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that train, as the EMA follows them: sharded ones as their DTensor shards.
+
+    FSDP2 leaves the root module's parameters gathered (plain tensors) after a forward that no backward
+    follows — a validation pass — so they are resharded first; otherwise an EMA swap would mix the two."""
+    bare = accelerator.unwrap_model(model) if accelerator is not None else model
+    if sharded(accelerator):
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in bare.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+    return [p for p in bare.parameters() if p.requires_grad]
+
+
 def export_state_dict(accelerator, model: torch.nn.Module, ema=None) -> dict[str, torch.Tensor]:
     """The weights an export writes: for each trainable parameter its EMA weight when ``ema`` is given
-    (diffusers ``EMAModel`` over the trainable parameters, in order), every other tensor as it is; full size
-    (:func:`full_state_dict`). The live weights are restored afterwards. Every rank must call it."""
-    bare = accelerator.unwrap_model(model) if accelerator is not None else model
-    trainable = [p for p in bare.parameters() if p.requires_grad]
+    (diffusers ``EMAModel`` over :func:`trainable_parameters`, in order), every other tensor as it is; full
+    size (:func:`full_state_dict`). The live weights are restored afterwards. Every rank must call it."""
+    trainable = trainable_parameters(accelerator, model)
     if ema is not None:
         ema.store(trainable)
         ema.copy_to(trainable)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from jointdit import checkpoints as ckpt
+
 GLOBAL_BATCH = 4
 LR = 1e-2
 CLIP = 1.0
@@ -109,15 +111,13 @@ def train_steps(accelerator, model, optimizer, scheduler, ema, steps: range) -> 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        ema.step([p for p in model.parameters() if p.requires_grad])
+        ema.step(ckpt.trainable_parameters(accelerator, model))
         losses.append(float(loss.detach()))
     return losses, norms
 
 
 def main() -> None:
     from accelerate.utils import gather_object
-
-    from jointdit import checkpoints as ckpt
 
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
@@ -142,6 +142,8 @@ def main() -> None:
     folder = ckpt.save_training_state(accelerator, args.out / "checkpoints", half, [], raw, ema, keep=2)
     second = train_steps(accelerator, model, optimizer, scheduler, ema, range(half, 2 * half))
     report["losses"], report["grad_norms"] = first[0] + second[0], first[1] + second[1]
+    with torch.no_grad():  # a validation pass, as the trainer makes before exporting: FSDP2 keeps the root
+        loss_of(model, batch(0))  # module's parameters gathered after a forward without backward
     weights = ckpt.export_state_dict(accelerator, model, ema)  # every rank: gathers the shards
     if accelerator.is_main_process:
         ckpt.export_model(raw, args.out / "export", {"step": 2 * half}, weights)
