@@ -26,10 +26,17 @@ sweep-setup: $(STAMP)
 
 DEMO_DIR := outputs/demo
 
+# The metric table at the end: 4 held-out conditions per task, scored beside the real clips' ceiling and floor
+# (data.* must name the demo's data set: experiment=demo's size and clip count).
+DEMO_EVAL := sampling.tasks=[joint,i2sv,a2v,v2a] sampling.num_clips=4 sampling.steps=20 data.size=32 data.num_clips=48 \
+	real.limit=8 distances=false plots=1 logger=mlflow
+
 demo: $(STAMP)
 	$(PY) -m jointdit.train experiment=demo hydra.run.dir=$(DEMO_DIR)
 	$(PY) -m jointdit.sample checkpoint=$(DEMO_DIR)/export/last task=joint steps=20 out_dir=$(DEMO_DIR)/samples
-	@echo "demo done: samples in $(DEMO_DIR)/samples, loss curve $(DEMO_DIR)/loss_curve.png;"
+	$(PY) -m jointdit.evaluate checkpoint=$(DEMO_DIR)/export/last $(DEMO_EVAL) out_dir=$(DEMO_DIR)/evaluate \
+		hydra.run.dir=$(DEMO_DIR)/evaluate
+	@echo "demo done: samples in $(DEMO_DIR)/samples, metrics in $(DEMO_DIR)/evaluate, loss curve $(DEMO_DIR)/loss_curve.png;"
 	@echo "browse runs with: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 # `make ui`: the Gradio studio (python -m jointdit.ui) on the demo's model, trained first when missing.

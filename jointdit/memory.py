@@ -19,8 +19,9 @@ Sampling (:func:`sampling_plan`): weights + adapters + codec + CLIP weights + ma
 guidance rows, codec decode incl. ``vid_decode_chunk``) + decoded media.
 
 Every check keeps a stated margin (``vram.margin``, :data:`DEFAULT_MARGIN` when absent): a plan fits iff
-``estimate · (1 + margin) <= budget``; the margin is logged with the plan. ``kv_downsample`` shrinks the
-keys (per modality, over latent time); ``max_t`` clamps Tv and the audio span to the same seconds (as
+``estimate · (1 + margin) <= budget``; the margin is logged with the plan. ``kv_pool_space`` (over space)
+and ``kv_downsample`` (over latent time) shrink the keys per modality; ``max_t`` clamps Tv and the audio
+span to the same seconds (as
 LatentDataset crops). The fitted constants and their calibration/held-out benchmarks:
 experiments/bench_memory.py (calibration) and experiments/bench_memory_terms.py (held-out). On GPU
 ``measure_peak`` reports ``torch.cuda.max_memory_allocated`` (code path not measured here: no GPU).
@@ -48,10 +49,11 @@ MiB = 1024 ** 2
 SAMPLE_RUNTIME = 8 * MiB   # no-grad forward runtime overhead (CPU fit, experiments/bench_memory.py)
 DEFAULT_MARGIN = 0.1       # headroom every plan keeps over its estimate: fits iff estimate · (1 + margin) <= budget
 
-KNOB_FIELDS = ("max_t", "q_chunk_v", "q_chunk_a", "kv_downsample", "gradient_checkpointing", "micro_batch_size",
-               "checkpoint_blocks", "offload_activations")
+KNOB_FIELDS = ("max_t", "q_chunk_v", "q_chunk_a", "kv_pool_space", "kv_downsample", "gradient_checkpointing",
+               "micro_batch_size", "checkpoint_blocks", "offload_activations")
 ENV_FOR_KNOB = {"max_t": "JOINTDIT_MAX_T", "q_chunk_v": "JOINTDIT_Q_CHUNK_V", "q_chunk_a": "JOINTDIT_Q_CHUNK_A",
-                "kv_downsample": "JOINTDIT_KV_DOWNSAMPLE", "vid_decode_chunk": "JOINTDIT_VID_DECODE_CHUNK"}
+                "kv_pool_space": "JOINTDIT_KV_POOL_SPACE", "kv_downsample": "JOINTDIT_KV_DOWNSAMPLE",
+                "vid_decode_chunk": "JOINTDIT_VID_DECODE_CHUNK"}
 
 
 class MemoryPlanError(RuntimeError):
@@ -63,7 +65,8 @@ class Knobs:
     max_t: int = 0                  # latent video frames (0 = no clamp)
     q_chunk_v: int = 0              # 0 = no query chunking
     q_chunk_a: int = 0
-    kv_downsample: int = 1
+    kv_downsample: int = 1          # K/V averaged over this many latent time steps
+    kv_pool_space: int = 1          # K/V averaged over s×s video positions / s mel bands (time kept)
     gradient_checkpointing: bool = False
     micro_batch_size: int = 1
     checkpoint_blocks: int | None = None   # blocks recomputed in backward (the first k); None: all or none
@@ -230,9 +233,10 @@ def estimate_peak(model_config: Mapping[str, Any], video_shape: Sequence[int], a
     gv, ga = (tv // pv[0], hv // pv[1], wv // pv[2]), (la // pa[0], fa // pa[1])
     nv, na = gv[0] * gv[1] * gv[2], ga[0] * ga[1]
     n, n_ctx = nv + na, int(c["text_len"]) + 1
-    r = max(1, kn.kv_downsample)
-    kv_v = -(-gv[0] // r) * (gv[1] * gv[2]) if r > 1 and gv[0] > 1 else nv
-    kv_a = -(-ga[0] // r) * ga[1] if r > 1 and ga[0] > 1 else na
+    from jointdit.models.attention import AttentionKnobs, pooled_grid
+
+    pooling = AttentionKnobs(kv_downsample=max(1, kn.kv_downsample), kv_pool_space=max(1, kn.kv_pool_space))
+    kv_v, kv_a = math.prod(pooled_grid(gv, pooling)), math.prod(pooled_grid(ga, pooling))
     groups = {"sample": (1, 1), "frame": (gv[0], ga[0]), "position": (nv, ga[0])}[time_groups]
     tokens = T.Tokens(nv, na, kv_v, kv_a, n_ctx, *groups)
     mixed = str(precision) in ("bf16", "fp16") and device != "cpu"
@@ -313,11 +317,12 @@ def _optimizer_state(name: str, shapes: Sequence[Sequence[int]]) -> int:
 # Knob search
 # ----------------------------------------------------------------------------------------------
 def quality_key(k: Knobs, full_t: int, depth: int = 1) -> tuple:
-    """Higher is better: data span first (max_t), then exact keys (kv_downsample), the batch, the fewest
-    recomputed blocks, then the speed knobs (no offload, no query chunking)."""
+    """Higher is better: data span first (max_t), then keys exact in time (kv_downsample 1: pooling time blurs
+    the timing sync depends on), then exact in space (kv_pool_space), the batch, the fewest recomputed
+    blocks, then the speed knobs (no offload, no query chunking)."""
     t = full_t if (k.max_t == 0 or k.max_t >= full_t) else k.max_t
     qc = lambda q: math.inf if q == 0 else q  # noqa: E731  (0 = no chunking = best)
-    return (t, -k.kv_downsample, k.micro_batch_size, -k.checkpointed(depth), not k.offload_activations,
+    return (t, -k.kv_downsample, -k.kv_pool_space, k.micro_batch_size, -k.checkpointed(depth), not k.offload_activations,
             qc(k.q_chunk_v), qc(k.q_chunk_a))
 
 
@@ -330,7 +335,8 @@ def candidate_knobs(full_t: int, fixed: Mapping[str, Any] | None = None, depth: 
     fixed = dict(fixed or {})
     ts = sorted({0} | {t for t in (48, 32, 24, 16, 12, 8, 6, 4, 2, 1) if t < full_t}, key=lambda t: -(full_t if t == 0 else t))
     batches = [m for m in (8, 4, 2, 1) if max_micro_batch is None or m <= max_micro_batch]
-    grid: dict[str, list[Any]] = dict(max_t=ts, kv_downsample=[1, 2, 4, 8, 16], micro_batch_size=batches,
+    grid: dict[str, list[Any]] = dict(max_t=ts, kv_downsample=[1, 2, 4, 8, 16], kv_pool_space=[1, 2, 4],
+                                      micro_batch_size=batches,
                                       checkpoint_blocks=list(range(depth + 1)),
                                       offload_activations=[False, True] if offload else [False],
                                       q_chunk_v=[0, 1024, 256, 64] if chunks else [0],
@@ -404,7 +410,8 @@ def check_plan(est: Estimate, budget_bytes: int, knobs: Knobs | Mapping[str, Any
         k = int(est.info.get("checkpoint_blocks", 0) or 0)
         if not depth or k < depth:
             hints.append(f"recompute more blocks: vram.checkpoint_blocks (now {k}) or vram.gradient_checkpointing=true")
-        hints.append(f"raise vram.kv_downsample (now {kn.kv_downsample})")
+        hints.append(f"raise vram.kv_pool_space (now {kn.kv_pool_space}; keeps time exact) before "
+                     f"vram.kv_downsample (now {kn.kv_downsample}; blurs timing)")
         hints.append(f"lower vram.max_t (now {kn.max_t}) / vram.micro_batch_size (now {kn.micro_batch_size})")
         if est.info.get("attention_kernel") == "math":
             hints.append(f"lower vram.q_chunk_v (now {kn.q_chunk_v}) / vram.q_chunk_a (now {kn.q_chunk_a})")
@@ -691,8 +698,8 @@ def sampling_plan(checkpoint: str | os.PathLike, *, device: Any = None, vram: Ma
     """The memory plan of sampling ``checkpoint`` — from its ``config.json`` / ``jointdit.json`` and the
     codec/CLIP folders' files only: nothing is loaded. Arguments as :func:`jointdit.sample.load_session`:
 
-    vram        knobs ``{max_t, q_chunk_v, q_chunk_a, kv_downsample, vid_decode_chunk, budget_gb, margin}``;
-                kv_downsample: the export's (``attention.kv_downsample``) unless given here
+    vram        knobs ``{max_t, q_chunk_v, q_chunk_a, kv_pool_space, kv_downsample, vid_decode_chunk, budget_gb,
+                margin}``; the K/V pooling knobs: the export's (``attention.*``) unless given here
     codec       codec config (None: the export's); a ready ``(video, audio)`` codec tuple counts its modules
     clip        CLIP settings ``{model, pretrained, model_config}``; None: the export's; False: none
     spec        a :class:`~jointdit.latents.LatentSpec` or ``{seconds, fps, size}``; None: the export's
@@ -723,9 +730,11 @@ def sampling_plan(checkpoint: str | os.PathLike, *, device: Any = None, vram: Ma
     else:
         raise ValueError(f"{folder} has no jointdit.json to read the clip geometry from; give spec={{seconds, fps, size}}")
     crop = int(vram.get("max_t") or 0) if max_t is None else int(max_t)
-    exported_kv = (meta.get("attention") or {}).get("kv_downsample")
+    exported = meta.get("attention") or {}
     knobs = Knobs(max_t=crop, q_chunk_v=int(vram.get("q_chunk_v") or 0), q_chunk_a=int(vram.get("q_chunk_a") or 0),
-                  kv_downsample=int(vram.get("kv_downsample") or exported_kv or 1), micro_batch_size=int(batch_size))
+                  kv_downsample=int(vram.get("kv_downsample") or exported.get("kv_downsample") or 1),
+                  kv_pool_space=int(vram.get("kv_pool_space") or exported.get("kv_pool_space") or 1),
+                  micro_batch_size=int(batch_size))
     rows = guidance_branches(branches) * int(batch_size)
     precision = str(vram.get("mixed_precision", "no")) if dev.type == "cuda" else "no"
     model_config = {**model_config, "video_in_channels": geometry.video_shape[1],
@@ -831,7 +840,7 @@ cfg = dict(spec["model"]); preset = cfg.pop("preset", "tiny")
 model = build_model(preset, **cfg)
 k = spec["knobs"]
 model.set_memory_knobs(q_chunk_v=k["q_chunk_v"], q_chunk_a=k["q_chunk_a"], kv_downsample=k["kv_downsample"],
-                       gradient_checkpointing=k["gradient_checkpointing"])
+                       gradient_checkpointing=k["gradient_checkpointing"], kv_pool_space=k.get("kv_pool_space", 1))
 blockwise.apply_block_memory(model, k.get("checkpoint_blocks"), k.get("offload_activations", False))
 b = spec["batch"]
 if spec["training"]:

@@ -305,10 +305,24 @@ def _validate_vram(p: _Problems, cfg: DictConfig) -> None:
     check_int(p, cfg, "vram.q_chunk_v", low=0, example=0)
     check_int(p, cfg, "vram.q_chunk_a", low=0, example=0)
     check_int(p, cfg, "vram.kv_downsample", low=1, example=1)
+    check_int(p, cfg, "vram.kv_pool_space", low=1, example=1, optional=True)
     check_choice(p, cfg, "vram.mixed_precision", ("no", "fp16", "bf16"))
-    if _get(cfg, "vram.name") == "auto":
-        check_float(p, cfg, "vram.margin", low=0, high=1, high_open=True, example=0.1, optional=True)
+    check_float(p, cfg, "vram.margin", low=0, high=1, high_open=True, example=0.1, optional=True)
+    check_int(p, cfg, "vram.checkpoint_blocks", low=0, example=4, optional=True)
+    if _get(cfg, "vram.offload_activations") not in (None, _MISSING):
+        check_bool(p, cfg, "vram.offload_activations")
+    quantize = check_choice(p, cfg, "vram.quantize_frozen", ("int8",), optional=True)
+    if quantize and not _lora_enabled(cfg):
+        p.add("vram.quantize_frozen", quantize, "int8 frozen weights are supported with LoRA only (a Stage B export "
+              "and resume of quantized weights are untested)", "add stage.lora.rank=16 (or stage=lora), or set "
+              "vram.quantize_frozen=null")
     check_budget(p, cfg)
+
+
+def _lora_enabled(cfg: DictConfig) -> bool:
+    from jointdit.lora import lora_enabled
+
+    return bool(lora_enabled(_get(cfg, "stage.lora") if _get(cfg, "stage.lora") is not _MISSING else None))
 
 
 def validate_train(cfg: DictConfig, num_processes: int = 1) -> None:

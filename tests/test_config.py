@@ -88,6 +88,8 @@ def test_vram_knob_precedence_cli_over_env_over_profile(compose_cfg, monkeypatch
     monkeypatch.setenv("JOINTDIT_Q_CHUNK_V", "32")
     monkeypatch.setenv("JOINTDIT_MAX_T", "5")
     env = compose_cfg("train", ["vram=48gb"]).vram
-    assert (env.q_chunk_v, env.max_t, env.kv_downsample) == (32, 5, 8)  # environment beats profile
+    assert (env.q_chunk_v, env.max_t, env.kv_downsample) == (32, 5, 1)  # environment beats profile (kv unset: profile)
+    monkeypatch.setenv("JOINTDIT_KV_POOL_SPACE", "2")
+    assert compose_cfg("train", ["vram=48gb"]).vram.kv_pool_space == 2
     cli = compose_cfg("train", ["vram=48gb", "vram.q_chunk_v=16"]).vram
     assert (cli.q_chunk_v, cli.max_t) == (16, 5)  # command line beats environment

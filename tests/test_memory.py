@@ -52,7 +52,8 @@ def test_auto_checkpoints_the_fewest_blocks_that_fit():
 def test_plan_that_does_not_fit_names_the_knob_and_keeps_the_margin():
     k = Knobs(max_t=12, kv_downsample=1, micro_batch_size=8)
     est = estimate_peak(cfg("small"), [32, 192, 8, 8], [1, 400, 64], k)
-    with pytest.raises(MemoryPlanError, match=r"vram\.kv_downsample \(now 1\)") as e:
+    with pytest.raises(MemoryPlanError, match=r"vram\.kv_pool_space \(now 1; keeps time exact\) before "
+                                              r"vram\.kv_downsample \(now 1; blurs timing\)") as e:
         check_plan(est, int(est.total * 0.5), k)
     assert "vram.checkpoint_blocks (now 0)" in str(e.value) and "vram.max_t (now 12)" in str(e.value)
     assert f"+{DEFAULT_MARGIN:.0%} margin" in str(e.value)

@@ -97,17 +97,29 @@ def pool_space(x: Tensor, grid: Sequence[int], window: int) -> Tensor:
     """Average ``x [B, H, N, Dh]`` over ``window``-wide blocks of each spatial axis, within each time step.
 
     Tokens are ordered row-major over ``grid = (t, *space)`` (one or two spatial axes: (t, h, w) video,
-    (t, f) audio). An axis shorter than the window is averaged whole. Returns ``[B, H, N', Dh]``.
+    (t, f) audio). An axis shorter than the window is averaged whole; a trailing block holds fewer
+    members. Returns ``[B, H, N', Dh]``. Written as zero-pad + block sum / member count, so autograd
+    saves nothing for it (an ``avg_pool`` would keep its full-size input for the backward).
     """
     t, *space = (int(g) for g in grid)
     if window == 1 or all(n == 1 for n in space):
         return x
-    b, h, n, d = x.shape
-    kernel = [min(window, n_axis) for n_axis in space]
-    y = x.reshape(b * h * t, *space, d).movedim(-1, 1)                   # [BHt, Dh, *space]
-    pool = F.avg_pool2d if len(space) == 2 else F.avg_pool1d
-    y = pool(y, kernel, ceil_mode=True)                                  # [BHt, Dh, *space'] (edge: own members)
-    return y.movedim(1, -1).reshape(b, h, -1, d)
+    b, h, _, d = x.shape
+    kernel = [min(window, n) for n in space]
+    padded = [-(-n // k) * k for n, k in zip(space, kernel)]
+    pad = [0, 0]                                                          # Dh, then the spatial axes last-first
+    for n, m in reversed(list(zip(space, padded))):
+        pad += [0, m - n]
+
+    def block_sum(y: Tensor) -> Tensor:                                   # [..., *padded, Dh] → [..., *pooled, Dh]
+        lead = y.shape[:-len(space) - 1]
+        split = [v for m, k in zip(padded, kernel) for v in (m // k, k)]
+        y = y.reshape(*lead, *split, y.shape[-1])
+        return y.sum(dim=tuple(len(lead) + 2 * i + 1 for i in range(len(space))))
+
+    summed = block_sum(F.pad(x.reshape(b, h, t, *space, d), pad))       # [B, H, t, *pooled, Dh]
+    counts = block_sum(F.pad(x.new_ones(*space, 1), pad))                 # [*pooled, 1] members per block
+    return (summed / counts).reshape(b, h, -1, d)
 
 
 def pool_kv(k: Tensor, v: Tensor, grid: Sequence[int], knobs: AttentionKnobs) -> tuple[Tensor, Tensor]:
