@@ -130,8 +130,8 @@ def main() -> None:
     model = build_model()
     optimizer, scheduler = make_optimizer(model, 2 * half)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    ema = make_ema(accelerator.unwrap_model(model))  # after prepare: shadow weights sharded like the parameters
     raw = accelerator.unwrap_model(model)
+    ema = make_ema(raw)  # after prepare: the shadow weights are sharded like the parameters they follow
     report = {"distributed_type": str(accelerator.distributed_type), "world": accelerator.num_processes,
               "model_class": type(model).__name__,
               "local_numel": sum(ckpt.local_tensor(p).numel() for p in raw.parameters()),
