@@ -26,7 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 FLOW, GUIDE, MODEL, ROPE = ("jointdit/diffusion/flow.py", "jointdit/diffusion/guidance.py",
                             "jointdit/models/jointdit.py", "jointdit/models/rope.py")
-SCHED = "jointdit/diffusion/schedule.py"
+SCHED, MASKS = "jointdit/diffusion/schedule.py", "jointdit/diffusion/masks.py"
+T_OBJ = "tests/diffusion/test_objective.py"
 T_FLOW, T_GUIDE, T_SCHED = "tests/diffusion/test_flow.py", "tests/diffusion/test_guidance.py", "tests/diffusion/test_schedule.py"
 T_TIMES, T_ROPE = "tests/models/test_times_and_skip.py", "tests/models/test_rope.py"
 
@@ -87,18 +88,24 @@ MUTATIONS = [
              "        t = self._default_times(grid_t, self.video_dt, self.video_steps) if times is None",
              "        t = 0.5 * self.video_dt + self._default_times(grid_t, self.video_dt, self.video_steps) if times is None",
              (T_TIMES,)),
-    Mutation("i2sv_frame_counted", "i2sv's clean first frame still carries loss", FLOW,
-             "t_video[i2sv, 0], mask_video[i2sv, 0] = 0.0, 0.0", "t_video[i2sv, 0] = 0.0", (T_FLOW,)),
-    Mutation("a2v_audio_noised", "a2v audio not held clean at t = 0", FLOW,
-             "t_audio[a2v], mask_audio[a2v] = 0.0, 0.0", "mask_audio[a2v] = 0.0", (T_FLOW,)),
+    Mutation("i2sv_frame_counted", "given latents (i2sv's clean first frame) still carry loss", MASKS,
+             "        w_v = (~self.video & self.video_present[:, None, None, None]).float()",
+             "        w_v = (self.video_present[:, None, None, None].expand_as(self.video)).float()", (T_FLOW,)),
+    Mutation("a2v_audio_noised", "given audio (a2v) not held clean at t = 0", MASKS,
+             "        t_a[self.audio] = 0.0\n", "        pass\n", (T_FLOW,)),
     Mutation("shared_t", "video and audio share one t", FLOW,
-             "    t_audio = sample_t(batch, mean + math.log(shift_audio), std, generator)  # [B]",
-             "    t_audio = t_video[:, 0].clone()  # [B]", (T_FLOW,)),
+             "    t_audio = sample_t(b, mean + math.log(shift_audio), std, generator)  # [B]",
+             "    t_audio = t_video.clone()  # [B]", (T_FLOW,)),
     Mutation("modes_never_drawn", "iso_prob ignored: every sample full", FLOW,
-             "    modes = sample_modes(iso_prob, batch, generator)", "    modes = ['full'] * batch", (T_FLOW,)),
+             "    modes = mask.attention_modes(sample_modes(iso_prob, b, generator))",
+             "    modes = mask.attention_modes(['full'] * b)", (T_FLOW,)),
     Mutation("shift_sign", "timestep shift applied as −ln s", FLOW,
-             "t_video = sample_t(batch, mean + math.log(shift_video), std, generator)",
-             "t_video = sample_t(batch, mean - math.log(shift_video), std, generator)", (T_FLOW,)),
+             "t_video = sample_t(b, mean + math.log(shift_video), std, generator)",
+             "t_video = sample_t(b, mean - math.log(shift_video), std, generator)", (T_FLOW,)),
+    Mutation("t2v_not_isolated", "t2v's video still sees the absent audio", MASKS,
+             '_SEES = {"t2v": (False, True), "t2a": (True, False)}', "_SEES = {}", (T_OBJ,)),
+    Mutation("absent_stream_noised", "t2v's absent audio gets the sampled t instead of t = 1", MASKS,
+             "        t_a[~self.audio_present] = 1.0\n", "        pass\n", (T_OBJ,)),
     Mutation("sd3_rule_inverted", "shift sqrt(reference / n) instead of sqrt(n / reference)", SCHED,
              "return math.sqrt(n / self.reference_tokens)", "return math.sqrt(self.reference_tokens / n)", (T_SCHED,)),
 ]

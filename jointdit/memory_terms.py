@@ -441,13 +441,3 @@ def clip_weights_bytes(settings: Mapping[str, Any] | None) -> tuple[int, str | N
     wt, lt = int(text.get("width", 512)), int(text.get("layers", 12))
     n = 12 * lv * wv ** 2 + 12 * lt * wt ** 2 + int(text.get("vocab_size", 49408)) * wt
     return 4 * n, f"CLIP weights estimated from its config ({n / 1e6:.0f} M parameters)"
-
-
-def estimate_for_run(cfg: Any, video_shape: Sequence[int], audio_shape: Sequence[int],
-                     model_config: Mapping[str, Any], device: str = "cpu"):
-    """The one estimate (:func:`jointdit.memory.estimate_for_config`) of a composed training config, on the
-    latents the model trains on. Kept for ``jointdit.training.planned_peak``; ``memory.resolve_vram``'s
-    ``estimate_bytes`` is the same figure."""
-    from jointdit.memory import estimate_for_config
-
-    return estimate_for_config(cfg, video_shape, audio_shape, model_config, device)

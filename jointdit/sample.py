@@ -101,16 +101,29 @@ class Session:
     vid_decode_chunk: int | None = None   # frames per video-decoder call (None: the codec's own setting)
     cache_dir: Path | None = None         # the latent cache of the model's data (for reference=<clip id>)
 
-    def set_vram(self, vram: Mapping | None = None, kv_downsample: int | None = None) -> None:
-        """Apply memory knobs ``{q_chunk_v, q_chunk_a, kv_downsample, vid_decode_chunk}`` (missing: off /
-        the codec's own). ``kv_downsample`` (explicit) > the export's > ``vram.kv_downsample`` > 1."""
+    def set_vram(self, vram: Mapping | None = None, kv_downsample: int | None = None,
+                 kv_pool_space: int | None = None) -> None:
+        """Apply memory knobs ``{q_chunk_v, q_chunk_a, kv_pool_space, kv_downsample, vid_decode_chunk}``
+        (missing: off / the codec's own). The K/V pooling knobs change the function the model computes, so
+        each is: explicit argument (warned when it differs from the export's) > the export's
+        (``jointdit.json`` ``attention``) > ``vram.<knob>`` > 1."""
         vram = _plain(vram) or {}
-        exported_kv = (self.meta.get("attention") or {}).get("kv_downsample")
-        kv = kv_downsample if kv_downsample is not None else exported_kv or _knob(vram, "kv_downsample", 1)
+        pooling = {name: _attention_knob(self.meta, vram, name, value)
+                   for name, value in (("kv_downsample", kv_downsample), ("kv_pool_space", kv_pool_space))}
         self.model.set_memory_knobs(q_chunk_v=int(_knob(vram, "q_chunk_v", 0)), q_chunk_a=int(_knob(vram, "q_chunk_a", 0)),
-                                    kv_downsample=int(kv))
+                                    **pooling)
         chunk = _knob(vram, "vid_decode_chunk")
         self.vid_decode_chunk = None if chunk is None else int(chunk)
+
+
+def _attention_knob(meta: Mapping, vram: Mapping, name: str, explicit: int | None) -> int:
+    exported = (meta.get("attention") or {}).get(name)
+    if explicit is None:
+        return int(exported or _knob(vram, name, 1))
+    if exported is not None and int(explicit) != int(exported):
+        warnings.warn(f"{name}={int(explicit)} overrides the {name}={int(exported)} the model was trained with: it "
+                      f"samples a different function than the one trained", stacklevel=3)
+    return int(explicit)
 
 
 def _knob(vram: Mapping | None, key: str, default: Any = None) -> Any:
@@ -143,19 +156,20 @@ def _load_clip(clip: Any, meta: dict, model, device: torch.device):
 
 def load_session(checkpoint: str | Path, *, device: str | torch.device | None = None, vram: Mapping | None = None,
                  codec: Mapping | tuple | None = None, clip: Any = None, kv_downsample: int | None = None,
-                 spec: Any = None, cache_dir: str | Path | None = None, adapters: Any = None,
+                 kv_pool_space: int | None = None, spec: Any = None, cache_dir: str | Path | None = None, adapters: Any = None,
                  merge_adapters: bool = False, check_memory: bool = True,
                  plan_for: SampleRequest | None = None) -> Session:
     """Load an exported model folder (``config.json`` + weights + ``jointdit.json``) or a training
     checkpoint for sampling.
 
     device         ``None``/``"auto"``: CUDA when available, else CPU
-    vram           memory knobs ``{q_chunk_v, q_chunk_a, kv_downsample, vid_decode_chunk}`` (the ``vram`` group)
+    vram           memory knobs ``{q_chunk_v, q_chunk_a, kv_pool_space, kv_downsample, vid_decode_chunk}`` (the
+                   ``vram`` group)
     codec          a codec config (the ``codec`` group), or ready ``(video_codec, audio_codec)``;
                    None: the codec stored in ``jointdit.json``
     clip           see :func:`_load_clip`; None: the CLIP encoder named in ``jointdit.json``, if any
-    kv_downsample  K/V time pooling; None: the export's (it changes the function the model computes),
-                   else ``vram.kv_downsample``, else 1
+    kv_downsample  K/V pooling over time / over space; None: the export's (they change the function the
+    kv_pool_space  model computes), else ``vram.<knob>``, else 1; a value differing from the export's warns
     spec           the clip to sample: ``{seconds, fps, size}``; None: the export's
     cache_dir      the latent-cache root (``paths.cache_dir``), for ``reference=<cached clip id>``
     adapters       LoRA adapter folders to add, each ``path``, ``"path:scale"`` or ``{path, scale}``
@@ -175,7 +189,8 @@ def load_session(checkpoint: str | Path, *, device: str | torch.device | None = 
     device = resolve_device(device)
     vram = _plain(vram) or {}
     if check_memory:
-        _check_plan(ckpt, device, vram, codec, clip, spec, adapters, kv_downsample, plan_for)
+        _check_plan(ckpt, device, vram, codec, clip, spec, adapters,
+                    {"kv_downsample": kv_downsample, "kv_pool_space": kv_pool_space}, plan_for)
     model = checkpoints.load_model(ckpt)
     if adapters:
         from jointdit import lora
@@ -213,12 +228,12 @@ def load_session(checkpoint: str | Path, *, device: str | torch.device | None = 
         latent_cache = cache_dir_for(meta["data"], meta["codec"], cache_dir)
     session = Session(model=model, video_codec=video_codec, audio_codec=audio_codec, spec=geometry, checkpoint=ckpt,
                       meta=meta, device=device, clip=_load_clip(clip, meta, model, device), cache_dir=latent_cache)
-    session.set_vram(vram, kv_downsample)
+    session.set_vram(vram, kv_downsample, kv_pool_space)
     return session
 
 
 def _check_plan(ckpt: Path, device: torch.device, vram: dict, codec: Any, clip: Any, spec: Any, adapters: Any,
-                kv_downsample: int | None, request: SampleRequest | None) -> None:
+                pooling: Mapping[str, int | None], request: SampleRequest | None) -> None:
     """:func:`jointdit.memory.check_sampling_plan` for what :func:`load_session` is about to load."""
     from jointdit import checkpoints
     from jointdit.memory import check_sampling_plan
@@ -230,7 +245,7 @@ def _check_plan(ckpt: Path, device: torch.device, vram: dict, codec: Any, clip: 
                    "max_t": int(request.max_t or 0)}
     clip = _plain(clip)
     codec = codec if isinstance(codec, tuple) else _plain(codec)
-    knobs = {**vram, **({} if kv_downsample is None else {"kv_downsample": int(kv_downsample)})}
+    knobs = {**vram, **{name: int(value) for name, value in pooling.items() if value is not None}}
     check_sampling_plan(ckpt, device=device, vram=knobs, codec=codec, spec=_plain(spec), adapters=adapters,
                         clip=clip if clip is None or clip is False or isinstance(clip, Mapping) else None, **plan_kw)
 
@@ -639,7 +654,7 @@ def _write_request(path: Path, session: Session, request: SampleRequest, spec: L
     record = {"checkpoint": str(session.checkpoint), "step": session.meta.get("step"), "request": fields,
               "spec": spec.to_json(), "shift_video": shifts[0], "shift_audio": shifts[1],
               "vram": {"q_chunk_v": knobs.q_chunk_v, "q_chunk_a": knobs.q_chunk_a, "kv_downsample": knobs.kv_downsample,
-                       "vid_decode_chunk": session.vid_decode_chunk}}
+                       "kv_pool_space": knobs.kv_pool_space, "vid_decode_chunk": session.vid_decode_chunk}}
     write_text(path, json.dumps(record, indent=1, default=str))
 
 
@@ -711,6 +726,7 @@ def sample_to_files(cfg: DictConfig | Mapping) -> SampleResult:
     paths = cfg.get("paths") or {}
     session = load_session(str(cfg.checkpoint), device=cfg.get("device"), vram=cfg.get("vram"), codec=cfg.get("codec"),
                            clip=cfg.get("clip"), kv_downsample=cfg.get("kv_downsample"),
+                           kv_pool_space=cfg.get("kv_pool_space"),
                            spec=cfg.get("manual_shapes"), cache_dir=paths.get("cache_dir"),
                            adapters=cfg.get("adapters"), merge_adapters=bool(cfg.get("merge_adapters", False)),
                            check_memory=bool(cfg.get("check_memory", True)), plan_for=request)

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from jointdit import checkpoints as ckpt
 from jointdit import guards
 from jointdit import lora
+from jointdit.blockwise import apply_block_memory
 from jointdit.memory import KNOB_FIELDS
 from jointdit.latents import EXPORT_FORMAT, LatentSpec, spec_for_config
 from jointdit.diffusion.flow import FlowObjective, flow_loss, make_flow_batch
@@ -94,9 +95,15 @@ def apply_memory_plan(cfg: DictConfig) -> dict[str, Any]:
     with open_dict(cfg):
         for key in KNOB_FIELDS:
             cfg.vram[key] = plan[key]
-    log.info("memory plan: %s; estimated peak %.0f MiB of %.0f MiB", {k: plan[k] for k in KNOB_FIELDS},
-             plan["estimate_bytes"] / 2**20, plan["budget_bytes"] / 2**20)
+    log.info("memory plan: %s; estimated peak %.0f MiB (+%.0f%% margin: %.0f MiB) of %.0f MiB",
+             {k: plan[k] for k in KNOB_FIELDS}, plan["estimate_bytes"] / 2**20, 100 * float(plan["margin"]),
+             plan["planned_bytes"] / 2**20, plan["budget_bytes"] / 2**20)
     return plan
+
+
+def kv_pool_space(cfg: DictConfig) -> int:
+    """``vram.kv_pool_space`` (1 when a profile written before the knob lacks it)."""
+    return int(cfg.vram.get("kv_pool_space") or 1)
 
 
 def make_accelerator(cfg: DictConfig):
@@ -352,14 +359,19 @@ def build(cfg: DictConfig, accelerator, tracker: Tracker, plan: dict[str, Any]) 
     if cfg.stage.get("init_from"):
         ckpt.load_into(model, cfg.stage.init_from)
     model.set_memory_knobs(q_chunk_v=int(cfg.vram.q_chunk_v), q_chunk_a=int(cfg.vram.q_chunk_a),
-                           kv_downsample=int(cfg.vram.kv_downsample),
+                           kv_downsample=int(cfg.vram.kv_downsample), kv_pool_space=kv_pool_space(cfg),
                            gradient_checkpointing=bool(cfg.vram.gradient_checkpointing))
+    apply_block_memory(model, cfg.vram.get("checkpoint_blocks"), bool(cfg.vram.get("offload_activations", False)))
     lora_base = None
     if lora.lora_enabled(cfg.stage.get("lora")):  # the adapters' base: init_from's folder, else this model exported once
         lora_base = lora.prepare_base(model, cfg.stage.get("init_from"), Path(cfg.paths.output_dir) / "export" / "base",
                                       export_meta(cfg, spec, 0, model.config), accelerator.is_main_process)
     flow_objective = FlowObjective.from_config(cfg.objective, model.config, spec)  # iso modes, timestep shifts
     optimizer, counts = make_optimizer(model, cfg, lora_base)
+    if cfg.vram.get("quantize_frozen"):  # after the stage chose what trains: only frozen Linear weights become int8
+        from jointdit.quantize import quantize_frozen
+
+        quantize_frozen(model, {n for n, p in model.named_parameters() if p.requires_grad}, str(cfg.vram.quantize_frozen))
     scheduler = make_lr_scheduler(optimizer, cfg)
     ema = None
     if cfg.ema.enabled:
@@ -384,9 +396,10 @@ def log_setup(run: Run) -> None:
     tracker.log_params({f"trainable.{k}": v for k, v in run.counts.items()})
     tracker.log_params({f"memory.chosen.{k}": cfg.vram[k] for k in KNOB_FIELDS})
     tracker.log_metrics({"memory_estimated_peak_mb": run.plan["estimate_bytes"] / 2**20,
+                         "memory_planned_peak_mb": run.plan["planned_bytes"] / 2**20,
+                         "memory_margin": float(run.plan["margin"]),
                          "memory_budget_mb": run.plan["budget_bytes"] / 2**20,
-                         "trainable_params": sum(v for k, v in run.counts.items() if k != "frozen"),
-                         "memory_planned_peak_mb": planned_peak(run) / 2**20}, 0)
+                         "trainable_params": sum(v for k, v in run.counts.items() if k != "frozen")}, 0)
     run.output_dir.mkdir(parents=True, exist_ok=True)
     resolved = run.output_dir / "config_resolved.yaml"
     resolved.write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -693,21 +706,14 @@ def cache_clip_settings(cfg: DictConfig) -> dict | None:
 def export_meta(cfg: DictConfig, spec: LatentSpec, step: int, model_config: Any) -> dict[str, Any]:
     """``jointdit.json`` — the ONE builder of export metadata (full exports, LoRA adapters and their base):
     the LatentSpec the model was trained on, every setting that changes the function the model computes
-    (``attention.kv_downsample``, the objective's ``iso_prob`` / ``tasks`` / ``timestep_shift``:
+    (``attention.kv_downsample`` / ``kv_pool_space``, the objective's ``iso_prob`` / ``tasks`` / ``timestep_shift``:
     :meth:`FlowObjective.export_meta`), beside the codec/data/CLIP settings."""
     return {"format": EXPORT_FORMAT, "step": step, "stage": str(cfg.stage.name), "spec": spec.to_json(),
-            "attention": {"kv_downsample": int(cfg.vram.kv_downsample)}, "clip": cache_clip_settings(cfg),
+            "attention": {"kv_downsample": int(cfg.vram.kv_downsample), "kv_pool_space": kv_pool_space(cfg)},
+            "clip": cache_clip_settings(cfg),
             "codec": OmegaConf.to_container(cfg.codec, resolve=True),
             "data": OmegaConf.to_container(cfg.data, resolve=True),
             **FlowObjective.from_config(cfg.objective, model_config, spec).export_meta()}
-
-
-def planned_peak(run: Run) -> int:
-    """The planner's full estimate for this run (jointdit.memory_terms: stage, optimizer, foreach, preview)."""
-    from jointdit.memory_terms import estimate_for_run
-
-    return estimate_for_run(run.cfg, run.spec.video_shape, run.spec.audio_shape, dict(run.raw_model.config),
-                            run.device.type).total
 
 
 def export(model, ema, folder: Path, cfg: DictConfig, spec: LatentSpec, step: int, extra: dict | None = None) -> Path:

@@ -168,7 +168,7 @@ def test_a_model_trained_with_max_t_samples_every_task_with_equal_durations(comp
     folder = tmp_path / "run" / "export" / "last"
     meta = load_export_meta(folder)
     spec = LatentSpec.from_export_meta(meta)
-    assert meta["format"] == 2 and meta["attention"] == {"kv_downsample": 1}
+    assert meta["format"] == 2 and meta["attention"] == {"kv_downsample": 1, "kv_pool_space": 1}
     assert spec.video_shape[0] == 4 and spec.audio_shape[1] == 48 and spec.seconds == 0.5
     assert load_model(folder).config.video_latent_fps == spec.video_latent_fps
 

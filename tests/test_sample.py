@@ -491,3 +491,30 @@ def test_an_impossible_memory_budget_is_refused_before_loading(checkpoint, monke
                       f"paths.root_dir={tmp_path}", f"out_dir={tmp_path / 'out'}", "progress=false")
     assert proc.returncode != 0 and "error: sampling" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_kv_pooling_travels_with_the_export_and_an_override_warns(checkpoint, tmp_path):
+    """The K/V pooling knobs change the function the model computes: the sampler uses the export's values
+    (jointdit.json attention) over vram's, and an explicit value that differs warns."""
+    import json
+    import shutil
+    import warnings
+
+    from jointdit.sample import load_session
+
+    folder = shutil.copytree(checkpoint, tmp_path / "pooled")
+    meta = json.loads((folder / "jointdit.json").read_text())
+    meta["attention"] = {"kv_downsample": 2, "kv_pool_space": 2}
+    (folder / "jointdit.json").write_text(json.dumps(meta))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # following the export never warns
+        knobs = load_session(folder, device="cpu", vram={"kv_downsample": 1, "kv_pool_space": 1}).model.knobs
+    assert (knobs.kv_downsample, knobs.kv_pool_space) == (2, 2)
+    with pytest.warns(UserWarning, match=r"kv_pool_space=1 overrides the kv_pool_space=2 the model was trained with"):
+        knobs = load_session(folder, device="cpu", kv_pool_space=1).model.knobs
+    assert (knobs.kv_downsample, knobs.kv_pool_space) == (2, 1)
+    # an export from before the knobs: the vram values, else 1
+    del meta["attention"]
+    (folder / "jointdit.json").write_text(json.dumps(meta))
+    knobs = load_session(folder, device="cpu", vram={"kv_pool_space": 2}).model.knobs
+    assert (knobs.kv_downsample, knobs.kv_pool_space) == (1, 2)

@@ -197,8 +197,12 @@ def test_a_plan_that_cannot_fit_stops_before_anything_is_built(compose_cfg, tmp_
 
 def test_max_t_crops_both_streams_to_the_same_span_in_whole_patches(compose_cfg, tmp_path):
     # 6 latent frames at 8 fps = 0.75 s = 75 mel steps, which the audio patch (4) does not divide.
-    run_dir = _train_here(compose_cfg, tmp_path, "vram.max_t=6", "max_steps=2", "logger=none", "sample_every=-1")
-    spec = LatentSpec.from_export_meta(json.loads((run_dir / "export" / "last" / "jointdit.json").read_text()))
+    # (The same run checks that vram.kv_pool_space reaches the export, which the sampler then follows.)
+    run_dir = _train_here(compose_cfg, tmp_path, "vram.max_t=6", "vram.kv_pool_space=2", "max_steps=2", "logger=none",
+                          "sample_every=-1")
+    meta = json.loads((run_dir / "export" / "last" / "jointdit.json").read_text())
+    assert meta["attention"] == {"kv_downsample": 1, "kv_pool_space": 2}
+    spec = LatentSpec.from_export_meta(meta)
     assert spec.video_shape[0] == 6 and spec.audio_shape[1] == 72 and spec.seconds == 0.75
     video_seconds = spec.video_shape[0] / spec.video_latent_fps
     audio_seconds = spec.audio_shape[1] / spec.audio_latent_fps
