@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install $(PIP_FLAGS) --upgrade pip setuptools wheel
 	$(PIP) install $(PIP_FLAGS) -c constraints.txt torch
-	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e ".[ui,test,sweep]"
+	$(PIP) install $(PIP_FLAGS) -c constraints.txt -e ".[ui,test,sweep,quant]"
 	$(PY) -m jointdit.launch install-hook   # torchvision fix for every program in the venv (accelerate, mlflow)
 	touch $(STAMP)
 

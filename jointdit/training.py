@@ -198,8 +198,9 @@ def make_lr_scheduler(optimizer, cfg: DictConfig):
 
 
 def parameter_checksum(model: torch.nn.Module) -> torch.Tensor:
-    """A float64 fingerprint of all weights (position-weighted, so swapped tensors differ)."""
-    return sum((i + 1) * p.detach().double().sum() for i, p in enumerate(model.parameters()))
+    """A float64 fingerprint of all weights (position-weighted, so swapped tensors differ); quantized frozen
+    weights (vram.quantize_frozen) count by their dequantized values."""
+    return sum((i + 1) * p.detach().dequantize().double().sum() for i, p in enumerate(model.parameters()))
 
 
 def peak_memory_mb(device: torch.device) -> float:

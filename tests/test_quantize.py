@@ -4,6 +4,7 @@ tensors are untouched and still train, outputs stay close, and the planner count
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -113,3 +114,22 @@ def test_planner_counts_the_quantized_weights():
     quant = estimate_peak(mc, vs, as_, Knobs(), stage=stage, quantize_frozen="int8")
     assert quant.params == held
     assert quant.params < 0.4 * plain.params and quant.total < plain.total
+
+
+@needs_quanto
+def test_the_trainer_trains_lora_over_int8_frozen_weights(compose_cfg, tmp_path):
+    """vram.quantize_frozen=int8 through train(cfg): the frozen base is quantized, the adapters train and
+    export; and the schema refuses it without LoRA."""
+    from jointdit.errors import ConfigError
+    from jointdit.schema import validate
+    from jointdit.training import train
+
+    small = ["data.num_clips=8", "data.size=32", "data.seconds=1.0", "data.val_fraction=0.25", "model.hidden_size=64",
+             "model.depth=2", "model.num_heads=2", "vram.micro_batch_size=2", "batch_size=2", "max_steps=2",
+             "logger=none", "sample_every=-1", "checkpoint.every=100"]
+    with pytest.raises(ConfigError, match="vram.quantize_frozen"):
+        validate(compose_cfg("train", [*small, "vram.quantize_frozen=int8"]))
+    run = tmp_path / "run"
+    metrics = train(compose_cfg("train", [*small, "stage=lora", "vram.quantize_frozen=int8", f"paths.output_dir={run}"]))
+    assert math.isfinite(metrics["train/loss"])
+    assert (run / "export" / "last" / "adapter_model.safetensors").exists()
