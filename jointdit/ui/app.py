@@ -12,10 +12,13 @@ Layout::
     └──────────────────────────────────────────────────────────────────────────────────┘  └───────────────────┘
 
 Every event that touches the model (generate in any tab, switching models) shares one concurrency group
-(``device``) of size 1 in Gradio's queue, so one job runs on the device at a time. Cancel is outside the
-queue: it sets a flag that the running job checks before each sampling step. Uploads are checked by
-:mod:`jointdit.ui.uploads` before the backend sees them; refusals and input errors land in the tab's
-status line (and a toast), never as a traceback.
+(``device``) of size 1 in Gradio's queue, so one job runs on the device at a time. Cancel has a group of its
+own with no limit (it never waits for the device) and stops only the jobs of the page that pressed it
+(:mod:`jointdit.ui.jobs`): the running one before its next sampling step, a waiting one before its first. Uploads, webcam photos and microphone
+recordings are checked by :mod:`jointdit.ui.uploads` as soon as they arrive and again on Generate;
+refusals and input errors land in the tab's status line (and a toast), never as a traceback. A file over
+``uploads.max_mb`` is stopped by Gradio itself before any byte is sent (``max_file_size``; its toast
+names the file and the limit), and its server refuses such an upload too (HTTP 413).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from typing import Any
 
 from jointdit.ui import catalog as cat
 from jointdit.ui.backend import KNOBS, TASKS, WEIGHTS, Backend, Cancelled, GenerateRequest, NoModel, Output
+from jointdit.ui.jobs import CancelBoard
 from jointdit.ui.uploads import VIDEO_SUFFIXES, UploadError, UploadLimits, check_audio, check_image, check_video
 
 log = logging.getLogger(__name__)
@@ -39,8 +43,11 @@ log = logging.getLogger(__name__)
 TASK_TITLES = {"joint": "text → video + sound", "i2sv": "image → sounding video", "a2v": "audio → video",
                "v2a": "video → audio"}
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-DEVICE_GROUP = "device"
-PROGRESS_HZ = 4.0         # progress-bar updates per second   # the concurrency group of every event that runs on the model
+DEVICE_GROUP = "device"   # the concurrency group of every event that runs on the model
+PROGRESS_HZ = 4.0         # progress-bar updates per second
+# Random seeds come from the OS, not the global `random` state, which training or any library may have
+# seeded (accelerate's set_seed does): the "random" toggle would then draw the same seeds in every process.
+_SEED_SOURCE = random.SystemRandom()
 
 
 @dataclass
@@ -62,6 +69,22 @@ class AppConfig:
     limits: UploadLimits = field(default_factory=UploadLimits)
 
 
+def _with_request(fn):
+    """Have Gradio pass the page's ``gr.Request`` to ``fn``'s ``request`` parameter.
+
+    Gradio injects it into a parameter whose type hint resolves to ``gr.Request``; a string hint does not
+    resolve here (gradio is imported lazily, not at module level), so the class itself is set."""
+    import gradio as gr
+
+    fn.__annotations__["request"] = gr.Request
+    return fn
+
+
+def _session_of(request) -> str:
+    """The page's Gradio session (one per page load), "" when called outside a page."""
+    return str(getattr(request, "session_hash", None) or "")
+
+
 def _fmt_bytes(n: float) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
@@ -71,7 +94,7 @@ class Studio:
 
     def __init__(self, backend: Backend, config: AppConfig):
         self.backend, self.config = backend, config
-        self.cancel_flag = threading.Event()
+        self.jobs = CancelBoard()
         self.entries: dict[str, cat.ModelEntry] = {}
 
     # ------------------------------------------------------------------------------------------
@@ -124,9 +147,16 @@ class Studio:
     # ------------------------------------------------------------------------------------------
     # Generation
     # ------------------------------------------------------------------------------------------
-    def cancel(self) -> None:
-        """Ask the running job to stop before its next sampling step (it then reports "Cancelled")."""
-        self.cancel_flag.set()
+    def cancel(self, session: str) -> str:
+        """Stop the jobs of page ``session`` (the running one before its next step, waiting ones before their
+        first; each then reports "Cancelled"); other pages' jobs go on. Returns the toast text."""
+        outcome = self.jobs.cancel(session)
+        if not outcome.any:
+            return ("Nothing to cancel: no job of this page is running or waiting "
+                    "(other pages' jobs are theirs to cancel).")
+        parts = [f"{outcome.running} running job stops before its next step"] if outcome.running else []
+        parts += [f"{outcome.waiting} waiting job(s) will not run"] if outcome.waiting else []
+        return "Cancelling: " + "; ".join(parts) + "."
 
     def held_out_preview(self, clip_id: str | None):
         """The held-out clip's stored first frame as pixels (no server path is handed to the page)."""
@@ -148,8 +178,13 @@ class Studio:
             return f"**Upload refused:** {html.escape(str(err))}"
         return ""
 
+    def upload_image(self, payload: dict | None):
+        """An i2sv image (upload or webcam photo), unprocessed by Gradio: (its path on the server, status line)."""
+        path = (payload or {}).get("path")
+        return path, self.upload_note(check_image, path)
+
     def upload_video(self, path):
-        """A v2a upload: (the clip for the preview player or None, status line)."""
+        """A v2a upload: (the checked clip for the preview player or None, status line)."""
         note = self.upload_note(check_video, path)
         return (None if note or not path else path), note
 
@@ -167,13 +202,16 @@ class Studio:
 
     def generate(self, task: str, image, reference, audio, video, prompt, negative, w_v, w_a, w_txt, w_neg, w_img,
                  steps, seed, random_seed, samples, max_t, q_chunk_v, q_chunk_a, kv_downsample, vid_decode_chunk,
-                 progress):
-        """One click of Generate: returns (mp4, preview gallery, downloads, status, seed)."""
+                 progress, cancel: threading.Event | None = None):
+        """One click of Generate: returns (mp4, preview gallery, downloads, status, seed); ``cancel`` stops it
+        between two sampling steps.
+
+        With ``random_seed`` the seed is drawn uniformly from [0, 2**31) and written back to the seed box;
+        the n samples use seed, seed+1, …, seed+n-1, each in its own folder named after its seed."""
         import gradio as gr
         from jointdit.data.media import MediaError
 
-        self.cancel_flag.clear()
-        seed = random.randrange(2**31) if random_seed else int(seed or 0)
+        seed = _SEED_SOURCE.randrange(2**31) if random_seed else int(seed or 0)
         n = max(1, min(int(samples or 1), self.config.max_samples))
         steps = max(1, min(int(steps or 1), self.config.max_steps))
         outputs: list[Output] = []
@@ -201,7 +239,7 @@ class Studio:
                                   knobs=dict(zip(KNOBS, (max_t, q_chunk_v, q_chunk_a, kv_downsample, vid_decode_chunk))),
                                   prompt=prompt or "", negative_prompt=negative or "", **inputs)
             progress((0, n * steps), desc=f"sample 1/{n} · step 0/{steps}", unit="steps")
-            outputs = self.backend.generate(req, on_step=on_step, cancel=self.cancel_flag)
+            outputs = self.backend.generate(req, on_step=on_step, cancel=cancel)
         except Cancelled as err:
             outputs = err.outputs
             gr.Warning(f"Cancelled: {err}")
@@ -295,29 +333,38 @@ class Studio:
                          concurrency_limit=1).then(self.estimate, est_inputs, estimate, queue=False,
                                                    show_progress="hidden")
 
+            take_ticket = _with_request(lambda request=None: self.jobs.ticket(_session_of(request)))
+            cancel = _with_request(lambda request=None: gr.Info(self.cancel(_session_of(request))))
             for task, parts in tab_parts.items():
-                run = self._handler(task)
-                task_inputs = [parts.get(k) or gr.State(None) for k in ("image", "reference", "audio", "video")]
-                parts["button"].click(run, [*task_inputs, *common],
-                                      [parts["result"], parts["gallery"], parts["files"], parts["status"], seed],
-                                      concurrency_id=DEVICE_GROUP, concurrency_limit=1)
-                # no outputs: the page holds back an event whose outputs a running job still owns
-                parts["cancel"].click(self.cancel, None, None, queue=False, show_progress="hidden")
+                task_inputs = [parts.get(k) or gr.State(None) for k in ("image_path", "reference", "audio", "video")]
+                ticket = gr.State(None)
+                # the ticket is taken at the click, outside the queue, so Cancel also reaches a waiting job
+                parts["button"].click(take_ticket, None, ticket, queue=False, show_progress="hidden").then(
+                    self._handler(task), [ticket, *task_inputs, *common],
+                    [parts["result"], parts["gallery"], parts["files"], parts["status"], seed],
+                    concurrency_id=DEVICE_GROUP, concurrency_limit=1)
+                # no outputs: the page holds back an event whose outputs a running job still owns. Queued (in
+                # its own unlimited group, so it never waits for the device) because only a queued event's
+                # gr.Info reaches the page
+                parts["cancel"].click(cancel, None, None, concurrency_id="cancel", concurrency_limit=None,
+                                      show_progress="hidden")
         return demo
 
     def _handler(self, task: str):
-        """The Generate handler of one tab, with explicit parameters (Gradio injects ``progress``)."""
+        """The Generate handler of one tab, with explicit parameters (Gradio injects ``progress`` and the
+        page's ``request``, whose session the job's cancel flag belongs to)."""
         import gradio as gr
 
-        def run(image, reference, audio, video, prompt, negative, w_v, w_a, w_txt, w_neg, w_img, steps, seed,
+        def run(ticket, image, reference, audio, video, prompt, negative, w_v, w_a, w_txt, w_neg, w_img, steps, seed,
                 random_seed, samples, max_t, q_chunk_v, q_chunk_a, kv_downsample, vid_decode_chunk,
-                progress=gr.Progress()):
-            return self.generate(task, image, reference, audio, video, prompt, negative, w_v, w_a, w_txt, w_neg, w_img,
-                                 steps, seed, random_seed, samples, max_t, q_chunk_v, q_chunk_a, kv_downsample,
-                                 vid_decode_chunk, progress)
+                progress=gr.Progress(), request=None):
+            with self.jobs.job(_session_of(request), ticket) as cancel:
+                return self.generate(task, image, reference, audio, video, prompt, negative, w_v, w_a, w_txt, w_neg,
+                                     w_img, steps, seed, random_seed, samples, max_t, q_chunk_v, q_chunk_a,
+                                     kv_downsample, vid_decode_chunk, progress, cancel)
 
         run.__name__ = f"generate_{task}"
-        return run
+        return _with_request(run)
 
     def _task_tab(self, task: str) -> dict[str, Any]:
         import gradio as gr
@@ -329,6 +376,8 @@ class Studio:
             with gr.Row():
                 parts["image"] = gr.Image(sources=["upload", "webcam"], type="filepath", label="First frame",
                                           elem_id="i2sv-image", height=220)
+                # what Generate reads: the path of the file in the image box, set by its change event below
+                parts["image_path"] = gr.State(None)
                 with gr.Column():
                     parts["reference"] = gr.Dropdown(choices=self.backend.held_out() if self.backend.loaded else [],
                                                      value=None, label="…or a held-out clip's first frame",
@@ -352,16 +401,19 @@ class Studio:
             parts["button"] = gr.Button("Generate", variant="primary", elem_id=f"generate-{task}")
             parts["cancel"] = gr.Button("Cancel", variant="stop", elem_id=f"cancel-{task}")
         parts["status"] = gr.Markdown(elem_id=f"status-{task}")
-        # check an upload as soon as it arrives, so a bad file is named before anyone presses Generate
+        # check an input as soon as it arrives, so a bad file is named before anyone presses Generate; on
+        # change, not upload: a webcam photo or a microphone recording is not an "upload" to Gradio
         if task == "v2a":
-            parts["video"].upload(self.upload_video, parts["video"], [parts["video_preview"], parts["status"]],
+            parts["video"].change(self.upload_video, parts["video"], [parts["video_preview"], parts["status"]],
                                   queue=False, show_progress="hidden")
         elif task == "a2v":
-            parts["audio"].upload(lambda p: self.upload_note(check_audio, p), parts["audio"], parts["status"],
+            parts["audio"].change(lambda p: self.upload_note(check_audio, p), parts["audio"], parts["status"],
                                   queue=False, show_progress="hidden")
         elif task == "i2sv":
-            parts["image"].upload(lambda p: self.upload_note(check_image, p), parts["image"], parts["status"],
-                                  queue=False, show_progress="hidden")
+            # preprocess=False: gr.Image's own preprocess opens the file with PIL before any handler runs, so
+            # a file that is not an image would fail there as Gradio's bare "Error" and never reach the check
+            parts["image"].change(self.upload_image, parts["image"], [parts["image_path"], parts["status"]],
+                                  queue=False, show_progress="hidden", preprocess=False)
         parts["result"] = gr.Video(label="Result (MP4 with sound)", interactive=False, autoplay=False,
                                   elem_id=f"video-{task}", height=240)
         parts["gallery"] = gr.Image(label="Frame strip + spectrogram (solid: audio onsets, dashed: video events)",

@@ -13,7 +13,7 @@ import pytest
 import jointdit  # noqa: F401  (torchvision fix)
 
 sys.path.insert(0, str(Path(__file__).parent))
-from uihelpers import CHROMIUM, CHROMIUM_ARGS, RUN, TINY, free_port  # noqa: E402
+from uihelpers import CHROMIUM, CHROMIUM_ARGS, FAKE_MEDIA_ARGS, RUN, TINY, UPLOAD_LIMITS, free_port, open_page  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +55,8 @@ def app(ui_root, model_folder, tmp_path_factory):
             mp.delenv(key)
         mp.setenv("GRADIO_ANALYTICS_ENABLED", "False")
         cfg = compose("ui", [f"paths.root_dir={ui_root}", f"checkpoint={model_folder}", f"port={free_port()}",
-                             "block=false", "steps=4", f"out_dir={out_dir}"])
+                             "block=false", "steps=4", f"out_dir={out_dir}",
+                             *(f"uploads.{k}={v}" for k, v in UPLOAD_LIMITS.items())])
         studio, demo, url = launch(cfg)
     try:
         yield studio, demo, url
@@ -70,7 +71,7 @@ def browser():
         pytest.skip(f"{CHROMIUM} is not installed: run `make browser` (apt-get install -y chromium, as root)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
     with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS + FAKE_MEDIA_ARGS, headless=True)
         try:
             yield b
         finally:
@@ -79,12 +80,7 @@ def browser():
 
 @pytest.fixture
 def page(browser, app):
-    _, _, url = app
-    context = browser.new_context(viewport={"width": 1400, "height": 1000})
-    pg = context.new_page()
-    pg.set_default_timeout(60_000)
-    pg.goto(url)
-    pg.wait_for_selector("#generate-joint")
+    context, pg = open_page(browser, app[2])
     try:
         yield pg
     finally:

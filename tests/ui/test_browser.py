@@ -1,8 +1,10 @@
-"""The real app in a real Chromium: each task end to end, progress + cancel, a bad upload, the model picker.
+"""The real app in a real Chromium: each task end to end, webcam and microphone, progress + cancel per page,
+bad uploads on every input, seeds and samples, the model picker.
 
 The model is a tiny one trained in this session (conftest.ui_root); the page is driven only through what
-a user sees and clicks (tabs, uploads, buttons); results are checked in the page (the <video> element
-plays and decodes sound) and on disk (one new folder per output with MP4, WAV and PNG).
+a user sees and clicks (tabs, uploads, Chromium's fake camera and microphone, buttons); results are
+checked in the page (the <video> element plays and decodes sound) and on disk (one new folder per output
+with MP4, WAV and PNG). The app runs with small upload limits (uihelpers.UPLOAD_LIMITS).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from uihelpers import RUN  # noqa: E402
+from uihelpers import RUN, UPLOAD_LIMITS, open_page  # noqa: E402
 
 TAB = {"joint": "text → video + sound", "i2sv": "image → sounding video", "a2v": "audio → video",
        "v2a": "video → audio"}
@@ -25,8 +27,9 @@ TAB = {"joint": "text → video + sound", "i2sv": "image → sounding video", "a
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> dict[str, Path]:
-    """A 1 s clip (moving square + 440 Hz tone) as MP4, its sound as WAV, a PNG frame, and a text file
-    renamed ``.mp4``."""
+    """A 1 s clip (moving square + 440 Hz tone) as MP4, its sound as WAV, a PNG frame; and for each input
+    a text file renamed to its type, one over the duration (or pixel) limit and one over the size limit."""
+    import soundfile as sf
     import torch
     from PIL import Image
 
@@ -38,9 +41,23 @@ def media(tmp_path_factory) -> dict[str, Path]:
         frames[t, :, 8:20, 2 + 3 * t: 14 + 3 * t] = 0.8
     wave = 0.4 * torch.sin(2 * math.pi * 440 * torch.arange(16000) / 16000)
     Image.fromarray(((frames[0].permute(1, 2, 0) + 1) * 127.5).byte().numpy()).save(root / "frame.png")
-    (root / "notes.mp4").write_text("these are my notes, not a video\n" * 20)
-    return {"mp4": write_mp4(root / "clip.mp4", frames, 8, wave, 16000), "wav": write_wav(root / "tone.wav", wave, 16000),
-            "png": root / "frame.png", "bad": root / "notes.mp4"}
+    for name in ("notes.mp4", "notes.wav", "notes.png"):
+        (root / name).write_text("these are my notes, not a video, a sound or a picture\n" * 20)
+    seconds, limit = UPLOAD_LIMITS["max_seconds"] + 1, UPLOAD_LIMITS["max_mb"] * 2**20
+    gen = torch.Generator().manual_seed(0)
+    files = {"mp4": write_mp4(root / "clip.mp4", frames, 8, wave, 16000), "wav": write_wav(root / "tone.wav", wave, 16000),
+             "png": root / "frame.png",
+             "long.mp4": write_mp4(root / "long.mp4", frames.repeat(seconds, 1, 1, 1), 8, wave.repeat(seconds), 16000),
+             "long.wav": write_wav(root / "long.wav", wave.repeat(seconds), 16000),
+             # lossless noise: about 1.3 MB in 3 s
+             "big.mp4": write_mp4(root / "big.mp4", torch.rand(24, 3, 192, 192, generator=gen) * 2 - 1, 8, crf=0)}
+    Image.new("RGB", (2100, 2100), (20, 160, 40)).save(root / "wide.png")              # 4.4 M pixels, a few kB
+    Image.fromarray((torch.rand(700, 700, 3, generator=gen) * 255).byte().numpy()).save(root / "big.png")
+    sf.write(root / "big.wav", (torch.rand(48000 * 3, 2, generator=gen) - 0.5).numpy(), 48000, subtype="FLOAT")
+    files.update({name: root / name for name in ("notes.mp4", "notes.wav", "notes.png", "wide.png", "big.png", "big.wav")})
+    assert all(files[f"big.{ext}"].stat().st_size > limit for ext in ("mp4", "png", "wav"))
+    assert all(files[n].stat().st_size < limit for n in ("long.mp4", "long.wav", "wide.png"))
+    return files
 
 
 def _folders(studio) -> set[Path]:
@@ -118,44 +135,197 @@ def test_each_task_generates_a_sounding_video_in_the_page(page, app, media, task
     assert download.ok and download.body()[:4] == b"RIFF" and download.body() == (folder / f"{base}.wav").read_bytes()
 
 
-def test_a_text_file_renamed_mp4_gets_a_clear_error_in_the_page(page, app, media):
+INPUT = {"i2sv": "#i2sv-image", "a2v": "#a2v-audio", "v2a": "#v2a-video"}
+
+
+@pytest.mark.parametrize("task,bad,message", [
+    ("i2sv", "notes.png", "notes.png: not a readable image"),
+    ("i2sv", "wide.png", "wide.png: 2100×2100 pixels is over the 4,000,000 pixel limit"),
+    ("a2v", "notes.wav", "notes.wav: not a readable WAV sound"),
+    ("a2v", "long.wav", "long.wav: 5.0 s is over the 4 s duration limit"),
+    ("v2a", "notes.mp4", "notes.mp4: not a readable media file"),
+    ("v2a", "long.mp4", "long.mp4: 5.0 s is over the 4 s duration limit"),
+])
+def test_a_bad_upload_gets_the_pages_error_on_every_input(page, app, media, task, bad, message):
+    """The file reaches the server's check (not dropped by Gradio's image/audio/video handling) and the
+    tab's status line names it and the problem, at upload and again on Generate; nothing is sampled."""
     studio, _, _ = app
     before = _folders(studio)
-    _open_tab(page, "v2a")
-    page.locator("#v2a-video input[type=file]").set_input_files(str(media["bad"]))
-    status = page.locator("#status-v2a")
+    _open_tab(page, task)
+    page.locator(f"{INPUT[task]} input[type=file]").set_input_files(str(media[bad]))
+    status = page.locator(f"#status-{task}")
     status.get_by_text("Upload refused").wait_for()
-    assert "notes.mp4: not a readable media file" in status.inner_text()
-    page.locator("#generate-v2a").click()  # pressing Generate anyway gives the same message, not a traceback
-    page.get_by_text("Upload refused: notes.mp4").first.wait_for()
+    assert message in status.inner_text()
+    page.locator(f"#generate-{task}").click()   # Generate checks it again: its warning toast says the same
+    page.locator(".toast-body").get_by_text(f"Upload refused: {message}").wait_for()
+    assert message in status.inner_text()
     assert "Traceback" not in page.content()
     assert _folders(studio) == before
 
 
-def test_progress_bar_advances_per_step_and_cancel_stops_between_steps(page, app):
+@pytest.mark.parametrize("task,big", [("i2sv", "big.png"), ("a2v", "big.wav"), ("v2a", "big.mp4")])
+def test_a_file_over_the_size_limit_is_stopped_in_the_page_before_it_is_sent(page, app, media, task, big):
+    """Gradio's max_file_size gate (set from uploads.max_mb): a toast naming the file and the limit, and not
+    one byte of it is sent to the server."""
+    uploads = []
+    page.on("request", lambda r: uploads.append(r.url) if r.method == "POST" and "/gradio_api/upload?" in r.url else None)
+    _open_tab(page, task)
+    page.locator(f"{INPUT[task]} input[type=file]").set_input_files(str(media[big]))
+    toast = page.get_by_text(f'maximum allowed size of {UPLOAD_LIMITS["max_mb"]:.1f} Mb: "{big}"')
+    toast.wait_for()
+    page.locator(f"#generate-{task}").click()   # no file arrived: Generate asks for one
+    page.locator(f"#status-{task}").get_by_text("Cannot sample").wait_for()
+    assert uploads == []
+
+
+def test_the_server_refuses_an_upload_over_the_size_limit(page, app):
+    """A client that skips the page's check gets HTTP 413 from the server itself."""
+    url = app[2]
+    payload = {"name": "big.wav", "mimeType": "audio/wav", "buffer": b"\0" * (UPLOAD_LIMITS["max_mb"] * 2**20 + 1024)}
+    over = page.request.post(f"{url}gradio_api/upload", multipart={"files": payload})
+    assert over.status == 413, over.status
+    small = page.request.post(f"{url}gradio_api/upload", multipart={"files": {**payload, "buffer": b"\0" * 1024}})
+    assert small.ok
+
+
+def test_webcam_photo_and_microphone_recording_are_sampled(page, app):
+    """A real capture through the page: Chromium's fake camera → the webcam photo → i2sv; its fake
+    microphone → a recording → a2v. Each is checked like an upload, then sampled."""
+    import json
+
+    import soundfile as sf
+    from PIL import Image
+
     studio, _, _ = app
+    _open_tab(page, "i2sv")
+    page.locator("#i2sv-image button[aria-label='Capture from camera']").click()
+    page.get_by_text("Click to Access Webcam").click()
+    page.wait_for_function("() => { const v = document.querySelector('#i2sv-image video');"
+                           " return v && v.readyState >= 2 && v.videoWidth > 0 }")
+    page.locator("#i2sv-image button[aria-label='capture photo']").click()
+    page.locator("#i2sv-image img").wait_for()
+    before = _folders(studio)
+    page.locator("#generate-i2sv").click()
+    page.locator("#status-i2sv").get_by_text("Done: 1 sample(s)").wait_for(timeout=120_000)
+    folder, = _folders(studio) - before
+    photo = json.loads((folder / "request.json").read_text())["request"]["image"]
+    with Image.open(photo) as im:                               # the frame the camera gave, as sent
+        assert im.size == (1920, 1440) and im.format == "PNG"
+
+    _open_tab(page, "a2v")
+    page.locator("#a2v-audio button[aria-label='Record audio']").click()
+    page.locator("#a2v-audio button", has_text="Record").first.click()
+    page.wait_for_timeout(1500)
+    page.locator("#a2v-audio button", has_text="Stop").first.click()
+    page.locator("#a2v-audio [data-testid=download-link]").wait_for(state="attached")
+    before = _folders(studio)
+    page.locator("#generate-a2v").click()
+    page.locator("#status-a2v").get_by_text("Done: 1 sample(s)").wait_for(timeout=120_000)
+    folder, = _folders(studio) - before
+    recording = json.loads((folder / "request.json").read_text())["request"]["audio"]
+    info = sf.info(recording)
+    assert 1.0 <= info.frames / info.samplerate <= 4.0, info     # about the 1.5 s recorded
+
+
+def _generate(page, studio, task: str, n: int) -> tuple[str, set[Path]]:
+    """Click Generate and wait until ``n`` new output folders exist and the status line lists them all
+    (while the job runs, the status still shows the last run's text): (status text, new folders)."""
+    before = _folders(studio)
+    page.locator(f"#generate-{task}").click()
+    status, deadline = page.locator(f"#status-{task}"), time.time() + 120
+    while True:
+        new, text = _folders(studio) - before, status.inner_text()
+        if len(new) == n and f"Done: {n} sample(s)" in text and all(str(f) in text for f in new):
+            return text, new
+        assert time.time() < deadline, (text, new)
+        time.sleep(0.2)
+
+
+def _seed_box(page) -> int:
+    return int(page.locator("#seed input[type=number]").input_value())
+
+
+def test_random_seed_and_several_samples(page, app):
+    """Random on: each run draws a new seed, shown in the seed box, the status and the folder names, and
+    n samples are seed…seed+n-1 in n folders; random off: the typed seed."""
+    import random
+    import re
+
+    studio, _, _ = app
+    _set_number(page, "steps", 1)
+    _set_number(page, "samples", 2)
+    page.locator("#random-seed input[type=checkbox]").check()
+    drawn = []
+    for run in range(2):
+        random.seed(0)   # as any library may (accelerate's set_seed does): the draw must not follow it
+        text, new = _generate(page, studio, "joint", 2)
+        seeds = [int(x) for x in re.search(r"seeds (\d+), (\d+),", text).groups()]
+        assert seeds[1] == seeds[0] + 1 and _seed_box(page) == seeds[0]
+        assert sorted(p.name.split("_seed")[1] for p in new) == sorted(str(x) for x in seeds)
+        assert page.locator("#files-joint a[download$='.wav']").count() == 2      # both samples downloadable
+        drawn.append(seeds[0])
+    assert drawn[0] != drawn[1]
+    page.locator("#random-seed input[type=checkbox]").uncheck()
+    _set_number(page, "seed", 7)
+    _set_number(page, "samples", 1)
+    text, (folder,) = _generate(page, studio, "joint", 1)
+    assert "seeds 7," in text and folder.name.endswith("_joint_seed7") and _seed_box(page) == 7
+
+
+def _step_shown(page) -> int | None:
+    """The step in the progress bar ("sample 1/1 · step i/N"), None while it shows none."""
+    text = page.evaluate("() => [...document.querySelectorAll('[role=progressbar]')]"
+                         ".map(e => e.getAttribute('aria-valuetext') || '').find(t => t.includes('step ')) || ''")
+    return int(text.split("step ")[1].split("/")[0]) if "step " in text else None
+
+
+def _steps_until(page, at_least: int, seen: list[int], timeout: float = 60) -> list[int]:
+    """Watch the progress bar until it shows a step >= ``at_least``; appends each new step to ``seen``."""
+    deadline = time.time() + timeout
+    while not seen or seen[-1] < at_least:
+        assert time.time() < deadline, (seen, page.locator("#status-joint").inner_text())
+        step = _step_shown(page)
+        if step is not None and (not seen or step != seen[-1]):
+            seen.append(step)
+        time.sleep(0.05)
+    return seen
+
+
+def test_progress_advances_per_step_and_cancel_stops_only_the_jobs_of_its_own_page(page, browser, app):
+    """Page A runs a 1000-step job. Page B (another browser context, another Gradio session) presses
+    Cancel: nothing of B's runs, A goes on. B queues a job behind A's and cancels it while it waits: A
+    still goes on. A's Cancel stops A between two steps; B's job then starts and stops before its first
+    step. Neither writes anything."""
+    studio, _, url = app
     before = _folders(studio)
     _set_number(page, "steps", 1000)
     page.locator("#generate-joint").click()
     page.locator("[role=progressbar]").first.wait_for(timeout=60_000)
-    seen, deadline = [], time.time() + 60
-    while len(seen) < 2 or seen[-1] < 3:          # the bar moves step by step: "sample 1/1 · step i/1000"
-        assert time.time() < deadline, (seen, page.locator("#status-joint").inner_text())
-        text = page.evaluate("() => [...document.querySelectorAll('[role=progressbar]')]"
-                             ".map(e => e.getAttribute('aria-valuetext') || '').find(t => t.includes('step ')) || ''")
-        if "step " in text:
-            step = int(text.split("step ")[1].split("/")[0])
-            if not seen or step != seen[-1]:
-                seen.append(step)
-        time.sleep(0.05)
-    assert seen == sorted(seen) and seen[-1] < 1000
-    page.locator("#cancel-joint").click()
-    page.locator("#status-joint").get_by_text("Cancelled").wait_for(timeout=60_000)
-    text = page.locator("#status-joint").inner_text()
-    stopped = int(text.split("stopped before step ")[1].split(" ")[0])
-    assert seen[-1] < stopped < 1000 and "of 1000" in text, text
+    seen = _steps_until(page, 3, [])               # the bar moves step by step: "sample 1/1 · step i/1000"
+    assert len(seen) >= 2 and seen == sorted(seen) and seen[-1] < 1000
+
+    context_b, page_b = open_page(browser, url)
+    try:
+        page_b.locator("#cancel-joint").click()
+        page_b.get_by_text("Nothing to cancel: no job of this page is running or waiting").wait_for()
+        _steps_until(page, seen[-1] + 2, seen)      # A was not stopped
+        page_b.locator("#generate-joint").click()
+        page_b.locator("#video-joint").get_by_text("queue").wait_for()   # B's job waits behind A's
+        page_b.locator("#cancel-joint").click()
+        page_b.get_by_text("Cancelling: 1 waiting job(s) will not run.").wait_for()
+        _steps_until(page, seen[-1] + 2, seen)      # A still was not stopped
+
+        page.locator("#cancel-joint").click()
+        page.get_by_text("Cancelling: 1 running job stops before its next step.").wait_for()
+        page.locator("#status-joint").get_by_text("Cancelled").wait_for(timeout=60_000)
+        text = page.locator("#status-joint").inner_text()
+        stopped = int(text.split("stopped before step ")[1].split(" ")[0])
+        assert seen[-1] < stopped < 1000 and "of 1000" in text, text
+        page_b.locator("#status-joint").get_by_text("Cancelled").wait_for(timeout=60_000)
+        assert "stopped before step 1 of 4" in page_b.locator("#status-joint").inner_text()
+    finally:
+        context_b.close()
     assert _folders(studio) == before  # nothing half-done was written
-    _set_number(page, "steps", 4)
 
 
 def test_model_picker_lists_runs_and_mlflow_models_and_switches(page, app, ui_root):
