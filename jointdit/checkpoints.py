@@ -46,6 +46,33 @@ def sharded(accelerator) -> bool:
     return accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
 
 
+def cpu_fsdp_plugin():
+    """The FSDP plugin of the ``accelerate launch`` recipe (its ``FSDP_*`` variables) when the recipe asks for
+    FSDP, else None. For CPU processes only, with :func:`fsdp_on_cpu`: on GPUs Accelerate reads it itself."""
+    import os
+
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    return FullyShardedDataParallelPlugin() if wanted else None
+
+
+def fsdp_on_cpu(accelerator, plugin) -> None:
+    """Switch FSDP on for a CPU (gloo) process group.
+
+    Accelerate 1.16 enables FSDP only for GPU/XPU/NPU/... groups (``AcceleratorState.__init__`` lists
+    ``MULTI_GPU`` ... but not ``MULTI_CPU``): with ``cpu=True`` the recipe's plugin is dropped and the model
+    silently gets DDP. After this, Accelerate's own FSDP2 code runs over gloo (``fully_shard`` per block,
+    ``get_state_dict``, ``save_state``/``load_state``, ``clip_grad_norm_``), so FSDP is testable on CPUs."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    # Both shared states: AcceleratorState re-reads PartialState's distributed type whenever it is built again.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
 def require_supported_sharding(accelerator) -> None:
     """Refuse FSDP1: its flattened parameter shards cannot carry the EMA shadow weights; FSDP2 keeps one
     sharded tensor per parameter (and lets Stage B freeze part of a block)."""

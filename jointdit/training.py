@@ -119,10 +119,15 @@ def make_accelerator(cfg: DictConfig):
     accumulation = max(1, int(cfg.batch_size) // (micro * state.num_processes))
     # Without CLIP features the condition projections get no gradient; DDP must be told.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    # An FSDP recipe on CPU processes: Accelerate would drop the plugin and silently run DDP (ckpt.fsdp_on_cpu).
+    plugin = ckpt.cpu_fsdp_plugin() if on_cpu else None
     # The LR schedule is sized in optimizer steps and train_step steps it once per optimizer step; Accelerate's
     # default steps it num_processes times per step (its convention for per-process-sized schedules).
-    return Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation, cpu=on_cpu,
-                       kwargs_handlers=[ddp], step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=accumulation, cpu=on_cpu,
+                              kwargs_handlers=[ddp], step_scheduler_with_optimizer=False, fsdp_plugin=plugin)
+    if plugin is not None:
+        ckpt.fsdp_on_cpu(accelerator, plugin)
+    return accelerator
 
 
 def reset_accelerate() -> None:
@@ -198,9 +203,9 @@ def make_lr_scheduler(optimizer, cfg: DictConfig):
 
 
 def parameter_checksum(model: torch.nn.Module) -> torch.Tensor:
-    """A float64 fingerprint of all weights (position-weighted, so swapped tensors differ); quantized frozen
-    weights (vram.quantize_frozen) count by their dequantized values."""
-    return sum((i + 1) * p.detach().dequantize().double().sum() for i, p in enumerate(model.parameters()))
+    """A float64 fingerprint of all weights (position-weighted, so swapped tensors differ); FSDP shards are
+    gathered (every rank calls this), quantized frozen weights (vram.quantize_frozen) count dequantized."""
+    return sum((i + 1) * ckpt.full_tensor(p).dequantize().double().sum() for i, p in enumerate(model.parameters()))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -332,7 +337,21 @@ class Run:
         return self.step * self.accelerator.gradient_accumulation_steps + self.micro
 
     def trainable(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.raw_model.parameters() if p.requires_grad]
+        return ckpt.trainable_parameters(self.accelerator, self.model)  # FSDP: resharded after a validation pass
+
+
+def require_shardable(cfg: DictConfig, accelerator) -> None:
+    """Under FSDP: version 2 only (the EMA needs per-parameter shards), and neither LoRA (its adapter export
+    reads the live weights on one rank) nor int8 frozen weights (quanto tensors are not DTensors)."""
+    from jointdit.errors import ConfigError
+
+    ckpt.require_supported_sharding(accelerator)
+    if not ckpt.sharded(accelerator):
+        return
+    if lora.lora_enabled(cfg.stage.get("lora")) or cfg.vram.get("quantize_frozen"):
+        raise ConfigError("FSDP does not train LoRA adapters or int8 frozen weights (stage.lora / "
+                          "vram.quantize_frozen)", hint="launch with conf/accelerate/ddp.yaml: the frozen base "
+                          "is small enough to replicate, which is why those knobs exist")
 
 
 def build(cfg: DictConfig, accelerator, tracker: Tracker, plan: dict[str, Any]) -> Run:
@@ -343,6 +362,7 @@ def build(cfg: DictConfig, accelerator, tracker: Tracker, plan: dict[str, Any]) 
 
     from jointdit.data.dataset import CacheMissingError, LatentDataset, collate_latents, ensure_cache
 
+    require_shardable(cfg, accelerator)
     with accelerator.main_process_first():
         cache_dir = ensure_cache(cfg)
     spec = training_spec(cfg)
@@ -374,11 +394,11 @@ def build(cfg: DictConfig, accelerator, tracker: Tracker, plan: dict[str, Any]) 
 
         quantize_frozen(model, {n for n, p in model.named_parameters() if p.requires_grad}, str(cfg.vram.quantize_frozen))
     scheduler = make_lr_scheduler(optimizer, cfg)
-    ema = None
-    if cfg.ema.enabled:
-        ema = EMAModel([p for p in model.parameters() if p.requires_grad], decay=float(cfg.ema.decay))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    if ema is not None:
+    ema = None
+    if cfg.ema.enabled:  # after prepare: under FSDP the shadow weights are sharded like the parameters they follow
+        ema = EMAModel([p for p in accelerator.unwrap_model(model).parameters() if p.requires_grad],
+                       decay=float(cfg.ema.decay))
         ema.to(accelerator.device)  # saved by ckpt.save_training_state as safetensors: Accelerate would pickle it
     log.info("trainable parameters per group: %s", counts)
     return Run(cfg=cfg, accelerator=accelerator, tracker=tracker, plan=plan, spec=spec, model=model, ema=ema,
@@ -425,7 +445,7 @@ def resume(run: Run) -> None:
         raise CheckpointError(f"checkpoint.resume: {folder} was trained with another model: "
                               + "; ".join(config_differences(theirs, ours, prefix="model.")),
                               hint="resume with the model settings of that run, or start a new run (another hydra.run.dir)")
-    run.accelerator.load_state(str(folder))
+    ckpt.load_training_state(run.accelerator, folder)
     run.step, run.history = int(state["step"]), list(state["history"])
     if run.ema is not None:
         ckpt.load_ema(run.ema, folder, state)
@@ -546,28 +566,34 @@ class AfterStep:
                                      int(self.cfg.checkpoint.keep))
 
     def export_best(self, run: Run, losses: dict[str, float]) -> None:
-        if (run.accelerator.is_main_process and self.cfg.checkpoint.export and self.val is not None
-                and self.val_export < run.best_val):
+        # Every rank decides alike (the same validation loss of the same weights): FSDP gathers on all of them.
+        if self.cfg.checkpoint.export and self.val is not None and self.val_export < run.best_val:
             run.best_val = self.val_export  # judged with the weights the export writes (EMA when on)
             export(run.raw_model, run.ema, run.output_dir / "export" / "best", run.cfg, run.spec, run.step,
-                   extra={"val_loss": self.val_export})  # a resumed run reads it back: best is never overwritten by worse
+                   extra={"val_loss": self.val_export},  # a resumed run reads it back: best is never overwritten by worse
+                   accelerator=run.accelerator)
 
     def preview(self, run: Run, losses: dict[str, float]) -> None:
         every = int(self.cfg.sample_every)
-        if run.accelerator.is_main_process and every > 0 and run.step % every == 0 and run.step < self.max_steps:
-            folder = export(run.raw_model, run.ema, run.output_dir / "export" / "preview", run.cfg, run.spec, run.step)
-            log_preview(run, folder)
+        if every > 0 and run.step % every == 0 and run.step < self.max_steps:
+            folder = export(run.raw_model, run.ema, run.output_dir / "export" / "preview", run.cfg, run.spec, run.step,
+                            accelerator=run.accelerator)
+            if folder is not None:  # the main process
+                log_preview(run, folder)
 
 
     def evaluate(self, run: Run, losses: dict[str, float]) -> None:
         """``eval.every`` steps and at the last step: sync and event metrics of a few samples, an MP4 and
         the sync PNG logged to the run (:mod:`jointdit.evaluate.in_training`)."""
         every = int((self.cfg.get("eval") or {}).get("every", 0))
-        if run.accelerator.is_main_process and every > 0 and self.due(run, every):
+        if every > 0 and self.due(run, every):
             from jointdit.evaluate.in_training import TrainingEvaluator
 
+            folder = export(run.raw_model, run.ema, run.output_dir / "export" / "eval", run.cfg, run.spec, run.step,
+                            accelerator=run.accelerator)
+            if folder is None:  # not the main process
+                return
             self.evaluator = self.evaluator or TrainingEvaluator(self.cfg)
-            folder = export(run.raw_model, run.ema, run.output_dir / "export" / "eval", run.cfg, run.spec, run.step)
             run.eval_summary = self.evaluator(folder, run.output_dir / "eval" / f"step_{run.step:06d}", run.tracker,
                                               run.step, run.device)
 
@@ -624,9 +650,12 @@ def finish(run: Run) -> dict[str, float]:
     final.update({f"eval/{k}": v for k, v in run.eval_summary.items()})  # optimized_metric may name one
     if run.guard is not None:
         final["nonfinite_skipped"] = float(run.guard.skipped)
+    folder = None
+    if cfg.checkpoint.export or int(cfg.sample_every) >= 0:  # every rank: FSDP gathers the weights
+        folder = export(run.raw_model, run.ema, run.output_dir / "export" / "last", cfg, run.spec, run.step,
+                        accelerator=accelerator)
     if accelerator.is_main_process:
-        if cfg.checkpoint.export or int(cfg.sample_every) >= 0:
-            folder = export(run.raw_model, run.ema, run.output_dir / "export" / "last", cfg, run.spec, run.step)
+        if folder is not None:
             run.tracker.log_metrics({"export_size_mb": lora.export_size_bytes(folder) / 2**20}, run.step)
             if cfg.logger.get("log_model"):
                 log_model(run.tracker, folder, cfg.logger.get("register_model"))
@@ -635,7 +664,8 @@ def finish(run: Run) -> dict[str, float]:
         if history:
             run.tracker.log_artifact(plot_losses(history, run.output_dir / "loss_curve.png"))
             (run.output_dir / "metrics.json").write_text(json.dumps(
-                {"final": final, "history": history, "world_size": run.world, "rank_checksums": checksums}, indent=1))
+                {"final": final, "history": history, "world_size": run.world,
+                 "distributed_type": run.accelerator.distributed_type.value, "rank_checksums": checksums}, indent=1))
     accelerator.wait_for_everyone()
     return final
 
@@ -717,18 +747,15 @@ def export_meta(cfg: DictConfig, spec: LatentSpec, step: int, model_config: Any)
             **FlowObjective.from_config(cfg.objective, model_config, spec).export_meta()}
 
 
-def export(model, ema, folder: Path, cfg: DictConfig, spec: LatentSpec, step: int, extra: dict | None = None) -> Path:
+def export(model, ema, folder: Path, cfg: DictConfig, spec: LatentSpec, step: int, extra: dict | None = None,
+           accelerator=None) -> Path | None:
     """The model folder for sampling (EMA weights when EMA is on) plus ``jointdit.json`` (:func:`export_meta`);
-    a LoRA run exports its adapter in PEFT's format instead, naming its base model."""
+    a LoRA run exports its adapter in PEFT's format instead, naming its base model. With ``accelerator``, every
+    rank calls this (FSDP gathers the full weights: :func:`jointdit.checkpoints.export_state_dict`) and only
+    the main process writes; the others get None."""
+    main = accelerator is None or accelerator.is_main_process
     meta = {**export_meta(cfg, spec, step, model.config), **(extra or {})}
     if lora.has_lora(model):
-        return lora.export_adapter(model, ema, folder, None, meta)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    if ema is not None:
-        ema.store(trainable)
-        ema.copy_to(trainable)
-    try:
-        return ckpt.export_model(model, folder, meta)
-    finally:
-        if ema is not None:
-            ema.restore(trainable)
+        return lora.export_adapter(model, ema, folder, None, meta) if main else None
+    weights = ckpt.export_state_dict(accelerator, model, ema)
+    return ckpt.export_model(model, folder, meta, weights) if main else None

@@ -5,12 +5,10 @@ gradient clipping, diffusers EMA over the trainable parameters, part of the mode
 writes through :mod:`jointdit.checkpoints`: a checkpoint after ``--steps`` steps, an export after twice as
 many, then a resume from that checkpoint replaying the second half into a second export.
 
-Under an FSDP recipe on a CPU-only machine it needs one step Accelerate does not take by itself:
-Accelerate 1.16 turns FSDP on only for GPU/XPU/NPU/... process groups (``AcceleratorState.__init__`` lists
-``MULTI_GPU``, ``MULTI_XPU``, ... but not ``MULTI_CPU``), so with ``cpu=True`` the FSDP plugin read from the
-recipe is dropped and the model silently gets DDP. :func:`make_accelerator` sets the distributed type to
-FSDP itself, after which Accelerate's own FSDP2 code runs over gloo: ``fully_shard`` per JointBlock,
-``get_state_dict``, ``save_state`` / ``load_state``, ``clip_grad_norm_``.
+Under an FSDP recipe on a CPU-only machine it switches FSDP on as the trainer does
+(:func:`jointdit.checkpoints.fsdp_on_cpu`: Accelerate alone would silently give DDP), after which
+Accelerate's own FSDP2 code runs over gloo: ``fully_shard`` per JointBlock, ``get_state_dict``,
+``save_state`` / ``load_state``, ``clip_grad_norm_``.
 
     accelerate launch --config_file <recipe> tests/fsdp_worker.py OUT_DIR [--steps N]
 """
@@ -19,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -83,18 +80,12 @@ def make_ema(model: torch.nn.Module):
 def make_accelerator():
     """Accelerator as the trainer makes it on a CPU; under an FSDP recipe, with FSDP switched on (module docstring)."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    plugin = FullyShardedDataParallelPlugin() if fsdp else None  # the recipe's fsdp_config, from FSDP_* variables
+    plugin = ckpt.cpu_fsdp_plugin()  # the recipe's fsdp_config, from FSDP_* variables
     accelerator = Accelerator(cpu=True, fsdp_plugin=plugin, step_scheduler_with_optimizer=False,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
-    if fsdp:
-        # Both shared states: AcceleratorState re-reads PartialState's distributed type whenever it is built again.
-        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
-        accelerator.state.distributed_type = DistributedType.FSDP
-        accelerator.state.fsdp_plugin = plugin
+    if plugin is not None:
+        ckpt.fsdp_on_cpu(accelerator, plugin)
     return accelerator
 
 

@@ -129,3 +129,59 @@ def test_fsdp_and_ddp_exports_load_the_same(fsdp_run, tmp_path):
     configs = [json.loads((folder / "config.json").read_text()) for folder in (out / "export", tmp_path / "ddp" / "export")]
     assert type(fsdp_model) is type(ddp_model) and configs[0] == configs[1]
     assert _max_diff(fsdp_model.state_dict(), ddp_model.state_dict()) < ATOL
+
+
+TINY_TRAIN = ["data.num_clips=8", "data.size=32", "data.seconds=1.0", "data.val_fraction=0.25", "model.hidden_size=64",
+              "model.depth=2", "model.num_heads=2", "vram.micro_batch_size=2", "batch_size=4", "sample_every=-1",
+              "checkpoint.every=2", "logger=none"]
+
+
+def _train(recipe: str, run_dir: Path, *overrides: str) -> dict:
+    """`accelerate launch --config_file conf/accelerate/<recipe>.yaml -m jointdit.train` on 2 CPU processes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "FSDP_", "RANK", "WORLD_SIZE",
+                                                                    "MASTER_"))}
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", JOINTDIT_ROOT=str(run_dir.parent / "root"))
+    cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "conf" / "accelerate" / f"{recipe}.yaml"),
+           "--num_processes", "2", "-m", "jointdit.train", *TINY_TRAIN, f"hydra.run.dir={run_dir}", *overrides]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=1200, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.mark.slow  # four 2-process trainer launches: about 3 min on a quiet 2-core machine
+def test_the_trainer_under_the_fsdp_recipe_shards_resumes_and_exports_like_ddp(tmp_path):
+    """The real trainer, not the worker: FSDP really on (not Accelerate's silent DDP fallback on CPUs),
+    a run stopped at step 2 and resumed to 4 has the straight run's losses, and the FSDP export (gathered
+    EMA weights, one safetensors file) loads as a plain model equal to the DDP run's export."""
+    from jointdit.checkpoints import load_model
+
+    straight = _train("fsdp", tmp_path / "fsdp", "max_steps=4")
+    assert straight["distributed_type"] == "FSDP" and straight["world_size"] == 2
+    assert straight["final"]["ranks_in_sync"] == 1.0
+    _train("fsdp", tmp_path / "resumed", "max_steps=2")
+    resumed = _train("fsdp", tmp_path / "resumed", "max_steps=4", "checkpoint.resume=auto")
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    ddp = _train("ddp", tmp_path / "ddp", "max_steps=4")
+    assert ddp["distributed_type"] == "MULTI_CPU"
+    fsdp_model, ddp_model = (load_model(tmp_path / name / "export" / "last") for name in ("fsdp", "ddp"))
+    config = json.loads((tmp_path / "fsdp" / "export" / "last" / "config.json").read_text())
+    assert config["_class_name"] == "JointDiT" and type(fsdp_model) is type(ddp_model)
+    assert _max_diff(fsdp_model.state_dict(), ddp_model.state_dict()) < ATOL
+    assert _max_diff(fsdp_model.state_dict(), load_model(tmp_path / "resumed" / "export" / "last").state_dict()) < ATOL
+
+
+def test_fsdp_refuses_lora_and_int8_frozen_weights_with_a_hint():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+    from omegaconf import OmegaConf
+
+    from jointdit.errors import ConfigError
+    from jointdit.training import require_shardable
+
+    fsdp2 = SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True)  # what an FSDP2 launch reports
+    for stage, vram in (({"lora": {"rank": 4}}, {}), ({}, {"quantize_frozen": "int8"})):
+        cfg = OmegaConf.create({"stage": stage, "vram": vram})
+        with pytest.raises(ConfigError, match="ddp.yaml"):
+            require_shardable(cfg, fsdp2)
+    require_shardable(OmegaConf.create({"stage": {}, "vram": {}}), fsdp2)  # plain full fine-tuning is fine
