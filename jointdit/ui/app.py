@@ -129,20 +129,24 @@ class Studio:
     # Memory estimate
     # ------------------------------------------------------------------------------------------
     def estimate(self, prompt, negative, w_v, w_a, w_txt, w_neg, w_img, samples, max_t, q_chunk_v, q_chunk_a,
-                 kv_downsample, vid_decode_chunk, task: str = "i2sv") -> str:
+                 kv_downsample, kv_pool_space, vid_decode_chunk, task: str = "i2sv") -> str:
         if not self.backend.loaded:
             return "Memory estimate: load a model first."
         weights = {"name": "jointcfg", **dict(zip(WEIGHTS, (w_v, w_a, w_txt, w_neg, w_img)))}
-        knobs = dict(zip(KNOBS, (max_t, q_chunk_v, q_chunk_a, kv_downsample, vid_decode_chunk)))
+        knobs = dict(zip(KNOBS, (max_t, q_chunk_v, q_chunk_a, kv_downsample, kv_pool_space, vid_decode_chunk)))
         try:
             est = self.backend.estimate(task, weights, knobs, prompt or "", negative or "")
         except Exception as err:  # noqa: BLE001
             return f"Memory estimate unavailable: {html.escape(str(err))}"
-        verdict = "fits" if est["fits"] else "**does not fit** — raise kv_downsample or lower max_t"
-        return (f"**Estimated peak {_fmt_bytes(est['total'])}** per sampling step (planner, {est['branches']} guidance "
-                f"branch{'es' if est['branches'] != 1 else ''} in one batch; {est['tokens_video']} video + "
-                f"{est['tokens_audio']} audio tokens, {est['keys']} keys) · budget {_fmt_bytes(est['budget'])}: "
-                f"{verdict}. Samples run one after another, so n samples does not add memory.")
+        verdict = "fits" if est["fits"] else f"**does not fit** — {html.escape(est['advice'])}"
+        where = "RAM available" if est["device"] == "cpu" else "device memory"
+        rows = est["branches"]
+        return (f"**Estimated peak {_fmt_bytes(est['planned'])}** for sampling (with the {est['margin']:.0%} margin): "
+                f"model {_fmt_bytes(est['weights'])}, codecs {_fmt_bytes(est['codec_weights'])}, CLIP "
+                f"{_fmt_bytes(est['clip_weights'])}, forward of {rows} guidance branch{'es' if rows != 1 else ''} in "
+                f"one batch {_fmt_bytes(est['forward'])} ({est['tokens_video']} video + {est['tokens_audio']} audio "
+                f"tokens), decode {_fmt_bytes(est['decode'])} · {where} {_fmt_bytes(est['budget'])}: {verdict}. "
+                "Samples run one after another, so n samples does not add memory.")
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -201,7 +205,7 @@ class Studio:
         return {}
 
     def generate(self, task: str, image, reference, audio, video, prompt, negative, w_v, w_a, w_txt, w_neg, w_img,
-                 steps, seed, random_seed, samples, max_t, q_chunk_v, q_chunk_a, kv_downsample, vid_decode_chunk,
+                 steps, seed, random_seed, samples, max_t, q_chunk_v, q_chunk_a, kv_downsample, kv_pool_space, vid_decode_chunk,
                  progress, cancel: threading.Event | None = None):
         """One click of Generate: returns (mp4, preview gallery, downloads, status, seed); ``cancel`` stops it
         between two sampling steps.
@@ -236,7 +240,7 @@ class Studio:
             inputs = self._check_inputs(task, image, reference, audio, video)
             req = GenerateRequest(task=task, seeds=[seed + k for k in range(n)], steps=steps,
                                   guidance={"name": "jointcfg", **dict(zip(WEIGHTS, (w_v, w_a, w_txt, w_neg, w_img)))},
-                                  knobs=dict(zip(KNOBS, (max_t, q_chunk_v, q_chunk_a, kv_downsample, vid_decode_chunk))),
+                                  knobs=dict(zip(KNOBS, (max_t, q_chunk_v, q_chunk_a, kv_downsample, kv_pool_space, vid_decode_chunk))),
                                   prompt=prompt or "", negative_prompt=negative or "", **inputs)
             progress((0, n * steps), desc=f"sample 1/{n} · step 0/{steps}", unit="steps")
             outputs = self.backend.generate(req, on_step=on_step, cancel=cancel)
@@ -306,6 +310,8 @@ class Studio:
                                               label="max_t (latent frames, 0 = all)", elem_id="max_t")
                             kv = gr.Slider(0, 16, value=0, step=1, label="kv_downsample (0 = the model's own)",
                                            elem_id="kv_downsample")
+                            kvs = gr.Slider(0, 4, value=0, step=1, label="kv_pool_space (0 = the model's own)",
+                                            elem_id="kv_pool_space")
                         with gr.Row():
                             qv = gr.Number(value=int(v.get("q_chunk_v", 0) or 0), precision=0, minimum=0,
                                            label="q_chunk_v (0 = off)", elem_id="q_chunk_v")
@@ -316,8 +322,8 @@ class Studio:
                         estimate = gr.Markdown(elem_id="memory-estimate")
 
             weights = [w[k] for k in WEIGHTS]
-            est_inputs = [prompt, negative, *weights, samples, max_t, qv, qa, kv, vdc]
-            common = [prompt, negative, *weights, steps, seed, random_seed, samples, max_t, qv, qa, kv, vdc]
+            est_inputs = [prompt, negative, *weights, samples, max_t, qv, qa, kv, kvs, vdc]
+            common = [prompt, negative, *weights, steps, seed, random_seed, samples, max_t, qv, qa, kv, kvs, vdc]
 
             # live memory estimate
             for comp in est_inputs:
@@ -356,12 +362,12 @@ class Studio:
         import gradio as gr
 
         def run(ticket, image, reference, audio, video, prompt, negative, w_v, w_a, w_txt, w_neg, w_img, steps, seed,
-                random_seed, samples, max_t, q_chunk_v, q_chunk_a, kv_downsample, vid_decode_chunk,
+                random_seed, samples, max_t, q_chunk_v, q_chunk_a, kv_downsample, kv_pool_space, vid_decode_chunk,
                 progress=gr.Progress(), request=None):
             with self.jobs.job(_session_of(request), ticket) as cancel:
                 return self.generate(task, image, reference, audio, video, prompt, negative, w_v, w_a, w_txt, w_neg,
                                      w_img, steps, seed, random_seed, samples, max_t, q_chunk_v, q_chunk_a,
-                                     kv_downsample, vid_decode_chunk, progress, cancel)
+                                     kv_downsample, kv_pool_space, vid_decode_chunk, progress, cancel)
 
         run.__name__ = f"generate_{task}"
         return _with_request(run)

@@ -16,11 +16,11 @@ torch, codecs or the sampler. Generation is :func:`jointdit.sample.generate` on 
   sync score (IoU of its own onsets and events).
 
 Memory. ``max_t`` (latent frames) samples a shorter clip (``LatentSpec.crop``); ``q_chunk_v`` /
-``q_chunk_a`` / ``kv_downsample`` / ``vid_decode_chunk`` go to ``Session.set_vram`` (``kv_downsample``
-0 = the model's own: the export's setting, which changes the function the model computes).
-:meth:`Backend.estimate` runs the memory planner (:func:`jointdit.memory.estimate_peak`,
-``training=False``) on the same shapes and knobs, the batched forward being as large as the number of
-guidance branches that will be computed.
+``q_chunk_a`` / ``kv_downsample`` / ``kv_pool_space`` / ``vid_decode_chunk`` go to ``Session.set_vram``
+(the K/V pooling knobs at 0 = the model's own: the export's setting, which changes the function the model
+computes). :meth:`Backend.estimate` is the sampler's own plan (:func:`jointdit.memory.sampling_plan`) for
+the same shapes and knobs, the batched forward being as large as the number of guidance branches that
+will be computed.
 
 Switching models drops every reference to the old session (model, codecs, CLIP), runs the garbage
 collector and empties the CUDA cache before the new one loads.
@@ -39,7 +39,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 TASKS: tuple[str, ...] = ("joint", "i2sv", "a2v", "v2a")
-KNOBS: tuple[str, ...] = ("max_t", "q_chunk_v", "q_chunk_a", "kv_downsample", "vid_decode_chunk")
+KNOBS: tuple[str, ...] = ("max_t", "q_chunk_v", "q_chunk_a", "kv_downsample", "kv_pool_space", "vid_decode_chunk")
 WEIGHTS: tuple[str, ...] = ("w_v", "w_a", "w_txt", "w_neg", "w_img")
 
 
@@ -196,25 +196,33 @@ class Backend:
         n += bool(w["w_img"] and clip and task == "i2sv")
         return n
 
-    def kv_downsample(self, knob: Any) -> int:
-        """The K/V pooling a request runs with: the knob, or (0) the export's, or 1."""
-        exported = ((self.session.meta if self.session is not None else {}).get("attention") or {}).get("kv_downsample")
+    def attention_knob(self, name: str, knob: Any) -> int:
+        """The K/V pooling (``kv_downsample`` / ``kv_pool_space``) a request runs with: the knob, or (0) the
+        export's, or 1."""
+        exported = ((self.session.meta if self.session is not None else {}).get("attention") or {}).get(name)
         return int(knob or 0) or int(exported or 1)
 
     def estimate(self, task: str, weights: dict[str, Any], knobs: dict[str, Any], prompt: str = "",
                  negative: str = "") -> dict[str, Any]:
-        """The planner's peak estimate for one sampling forward with these knobs; ``{total, budget, fits,
-        branches, tokens_video, tokens_audio, keys, Tv, …}``."""
-        from jointdit.memory import Knobs, detect_budget, estimate_peak
+        """The sampling plan (:func:`jointdit.memory.sampling_plan`: model, codec and CLIP weights, the batched
+        forward of the guidance rows that will run, the decode) for these knobs, as a dict with ``branches``
+        and ``fits``. On CPU the budget is the RAM still available, which the loaded session already left
+        out, so only the working memory is judged against it; on CUDA the whole plan against the device."""
+        from jointdit.memory import sampling_plan
 
         s = self._need()
-        kn = Knobs(max_t=int(knobs.get("max_t") or 0), q_chunk_v=int(knobs.get("q_chunk_v") or 0),
-                   q_chunk_a=int(knobs.get("q_chunk_a") or 0), kv_downsample=self.kv_downsample(knobs.get("kv_downsample")))
         branches = self.branches(task, weights, prompt, negative)
-        est = estimate_peak(dict(s.model.config), s.spec.video_shape, s.spec.audio_shape, kn, micro_batch=branches,
-                            training=False, device=s.device.type)
-        budget = detect_budget(s.device)
-        return {**est.as_dict(), "branches": branches, "budget": budget, "fits": est.total <= budget}
+        vram = {"q_chunk_v": int(knobs.get("q_chunk_v") or 0), "q_chunk_a": int(knobs.get("q_chunk_a") or 0),
+                "kv_downsample": self.attention_knob("kv_downsample", knobs.get("kv_downsample")),
+                "kv_pool_space": self.attention_knob("kv_pool_space", knobs.get("kv_pool_space")),
+                "vid_decode_chunk": int(knobs.get("vid_decode_chunk") or 0) or None}
+        plan = sampling_plan(s.checkpoint, device=s.device, vram=vram, codec=(s.video_codec, s.audio_codec),
+                             clip=None if s.clip is not None else False, spec=s.spec, branches=branches,
+                             max_t=int(knobs.get("max_t") or 0))
+        resident = plan.weights + plan.codec_weights + plan.clip_weights
+        needed = plan.planned - (int(resident * (1 + plan.margin)) if s.device.type == "cpu" else 0)
+        return {**plan.as_dict(), "branches": branches, "needed": needed, "fits": needed <= plan.budget,
+                "advice": plan.advice()}
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -244,7 +252,7 @@ class Backend:
             session = self._need()
             session.set_vram({"q_chunk_v": knobs["q_chunk_v"], "q_chunk_a": knobs["q_chunk_a"],
                               "vid_decode_chunk": knobs["vid_decode_chunk"] or None},
-                             kv_downsample=knobs["kv_downsample"] or None)
+                             kv_downsample=knobs["kv_downsample"] or None, kv_pool_space=knobs["kv_pool_space"] or None)
             outputs: list[Output] = []
             steps = int(req.steps)
             for k, seed in enumerate(req.seeds):

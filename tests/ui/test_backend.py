@@ -73,16 +73,21 @@ def test_max_t_shortens_the_clip_to_whole_patches(backend):
     assert info.frames == 8000                               # 4 latent frames at 8 fps = 0.5 s at 16 kHz
 
 
-def test_estimate_is_the_planners_for_the_branches_that_run(backend):
+def test_estimate_is_the_sampling_plan_for_the_branches_and_knobs_that_run(backend):
     from jointdit.memory import Knobs, estimate_peak
 
-    est = backend.estimate("joint", GUIDANCE, {"max_t": 4, "kv_downsample": 2})
-    spec = backend.session.spec
-    want = estimate_peak(dict(backend.session.model.config), spec.video_shape, spec.audio_shape,
-                         Knobs(max_t=4, kv_downsample=2), micro_batch=2, training=False, device="cpu")
-    assert est["branches"] == 2 and est["total"] == want.total and est["Tv"] == 4
+    est = backend.estimate("joint", GUIDANCE, {"max_t": 4, "kv_downsample": 2, "kv_pool_space": 2})
+    spec, model = backend.session.spec, backend.session.model
+    want = estimate_peak(dict(model.config), spec.video_shape, spec.audio_shape,
+                         Knobs(max_t=4, kv_downsample=2, kv_pool_space=2), micro_batch=2, training=False, device="cpu")
+    assert est["branches"] == 2 and est["forward"] == want.activations + want.attention + want.overhead
+    assert (est["max_t"], est["kv_downsample"], est["kv_pool_space"]) == (4, 2, 2)
+    assert est["weights"] == 4 * sum(p.numel() for p in model.parameters())       # fp32, counted from the files
+    assert est["clip_weights"] == 0                                                # the test model has no CLIP
     none = backend.estimate("joint", {"name": "none"}, {})
-    assert none["branches"] == 1 and none["total"] < backend.estimate("joint", GUIDANCE, {})["total"]
+    assert none["branches"] == 1 and none["forward"] < backend.estimate("joint", GUIDANCE, {})["forward"]
+    # on CPU the loaded session is already out of the available RAM: only the working memory is judged
+    assert none["needed"] < none["planned"] and none["fits"] == (none["needed"] <= none["budget"])
 
 
 def test_inputs_missing_or_unknown_give_clear_errors(backend):
