@@ -119,11 +119,20 @@ class Study:
             return
         args = [sys.executable, "-m", "jointdit.evaluate", f"checkpoint={self.run_dir(variant) / 'export' / 'last'}",
                 *EVALUATIONS[evaluation][1], f"sampling.tasks={tasks}", f"sampling.num_clips={self.clips}",
-                f"sampling.steps={self.sample_steps}", "data=synthetic",
-                "data.size=32", "data.num_clips=128", f"real.limit={self.clips}", "plots=2", "logger=mlflow",
+                f"sampling.steps={self.sample_steps}", *self.held_out(),
+                f"real.limit={self.clips}", "plots=2", "logger=mlflow",
                 f"out_dir={out}", f"hydra.run.dir={out}/.hydra_run"]
         self._record(f"evaluate/{variant}-{evaluation}",
                      _run(args, self.env, self.root / "logs" / f"evaluate_{variant}-{evaluation}.log"))
+
+    def held_out(self) -> list[str]:
+        """The evaluation's data: the synthetic set written with enough clips that its held-out split (one clip
+        in 8) has ``clips`` conditions. Clips are a pure function of their index and the split of their block,
+        so the first 16 are the training run's own held-out clips and the rest were never generated for it;
+        a separate root keeps the training set (128 clips) and its latent cache untouched."""
+        num_clips = max(128, 8 * self.clips)
+        return ["data=synthetic", "data.size=32", f"data.num_clips={num_clips}",
+                f"data.root={self.root / 'data' / f'synthetic_heldout{num_clips}'}"]
 
     def summary(self, variant: str, evaluation: str) -> dict[str, float] | None:
         path = self.eval_dir(variant, evaluation) / "evaluate.json"
