@@ -3,7 +3,8 @@
 Every check opens the file with the library that will later read it (PIL for images, PyAV for clips and
 sounds, soundfile for WAV/FLAC/OGG) and fails with an :class:`UploadError` whose message names the file,
 what is wrong and what to upload instead — never a traceback. Limits: file size (``max_mb``) and
-duration (``max_seconds``); both come from ``conf/ui.yaml`` (``uploads``).
+duration (``max_seconds``); both come from ``conf/ui.yaml`` (``uploads``). A clip the sampler reads whole
+must also be at least as long as the clip the model samples (``check_video``'s ``min_seconds``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp4", ".mov")     # what the sampler reads (soundfile / a clip's track)
 VIDEO_SUFFIXES = (".mp4", ".mov", ".webm", ".mkv", ".avi")
 SOUNDFILE_SUFFIXES = (".wav", ".flac", ".ogg")
+MIN_SECONDS_SLACK = 1e-3   # a container's duration is rounded to its time base
 
 
 class UploadError(ValueError):
@@ -98,10 +100,16 @@ def _check_duration(path: Path, seconds: float, limits: UploadLimits) -> None:
         raise UploadError(f"{path.name}: {seconds:.1f} s is over the {limits.max_seconds:g} s duration limit")
 
 
-def check_video(path: str | os.PathLike, limits: UploadLimits = UploadLimits()) -> Path:
-    """A clip PyAV can open, with a decodable video track, at most ``max_seconds`` long."""
+def check_video(path: str | os.PathLike, limits: UploadLimits = UploadLimits(), min_seconds: float = 0.0) -> Path:
+    """A clip PyAV can open, with a decodable video track, at most ``max_seconds`` long and at least
+    ``min_seconds`` (the clip the model samples: the sampler reads a kept video whole, and refuses a
+    shorter one with its server path in the message)."""
     path = _common(path, "a video", VIDEO_SUFFIXES, limits)
-    _check_duration(path, _probe_av(path, "video", "a video clip (MP4, MOV, WebM, MKV)", limits), limits)
+    seconds = _probe_av(path, "video", "a video clip (MP4, MOV, WebM, MKV)", limits)
+    _check_duration(path, seconds, limits)
+    if seconds < min_seconds - MIN_SECONDS_SLACK:
+        raise UploadError(f"{path.name}: {seconds:.2f} s is shorter than the {min_seconds:g} s clip the model samples; "
+                          f"upload a clip at least that long")
     return path
 
 

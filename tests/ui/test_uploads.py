@@ -60,6 +60,10 @@ def test_limits_on_size_duration_and_pixels(files):
         check_audio(files["wav"], UploadLimits(max_mb=0.01))
     with pytest.raises(UploadError, match=r"frame.png: 40×30 pixels is over the 1,000 pixel limit"):
         check_image(files["png"], UploadLimits(max_pixels=1000))
+    # a clip the sampler reads whole (v2a, extend_v, inpaint_v): at least the clip the model samples
+    assert check_video(files["mp4"], min_seconds=2.0) == files["mp4"]
+    with pytest.raises(UploadError, match=r"clip.mp4: 2.00 s is shorter than the 3 s clip the model samples"):
+        check_video(files["mp4"], min_seconds=3.0)
 
 
 def test_limits_come_from_the_ui_config(compose_cfg):
