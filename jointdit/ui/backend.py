@@ -2,7 +2,22 @@
 
 Everything the page does to a model goes through :class:`Backend`; the Gradio code never touches
 torch, codecs or the sampler. Generation is :func:`jointdit.sample.generate` on a
-:func:`jointdit.sample.load_session` session — the same calls as ``python -m jointdit.sample`` — with:
+:func:`jointdit.sample.load_session` session — the same calls as ``python -m jointdit.sample`` — for every
+task the sampler has (:data:`TASKS`):
+
+- ``joint`` (text → video + sound), ``i2sv`` (image → sounding video), ``a2v`` (sound kept, video
+  generated), ``v2a`` (video kept, sound generated);
+- ``extend_v`` / ``extend_a``: the input's first ``seconds_given`` kept, the rest generated (``both``: the
+  other stream's first seconds kept too — extend_v: the clip's own sound, extend_a: a clip's video);
+- ``inpaint_v``: the clip's video kept except a time ``span`` (seconds) or a spatial ``region`` (top, left,
+  bottom, right fractions of the frame) in every frame; ``inpaint_a``: the sound kept except a ``span``;
+- ``t2v`` / ``t2a``: one stream alone, the other absent (t2v writes an MP4 without a sound track, no WAV;
+  t2a a WAV and its spectrogram, no MP4: :data:`ONE_STREAM`).
+
+Before anything is sampled, a task's missing input and an extend / inpaint parameter outside the clip
+sampled (the model's ``LatentSpec.seconds``, after ``max_t``) raise ``ValueError`` naming the allowed range.
+The sampler's warnings while sampling (a task the export's ``tasks`` never trained, an overridden K/V knob,
+zeroed iso weights …) are kept on each :class:`Output` for the page to show. Besides:
 
 - progress: ``generate``'s ``progress(done, total)`` is called after every ODE step; the backend
   reports ``(sample k of n, step i of N)`` and returns True when the cancel flag is set, so sampling
@@ -10,17 +25,17 @@ torch, codecs or the sampler. Generation is :func:`jointdit.sample.generate` on 
 - one folder per output: each seed is its own ``generate`` call with ``out_dir`` = the UI's folder and
   no name, so the sampler claims a fresh ``<YYYYmmdd-HHMMSS>_<task>_seed<seed>[-k]`` folder with an
   exclusive ``mkdir`` (nothing is ever overwritten). It holds the sampler's files
-  (``<task>_seed<seed>_steps<N>.mp4`` with sound, ``…_video.mp4``, ``.wav``, ``.png``) and
-  ``request.json``; the backend adds ``sync.png``: the frame strip over the spectrogram with the detected
-  audio onsets (solid) and video events (dashed) of :mod:`jointdit.evaluate`, titled with the clip's
-  sync score (IoU of its own onsets and events).
+  (``<task>_seed<seed>_steps<N>.mp4`` with sound, ``…_video.mp4``, ``.wav``, ``.png``; fewer for t2v / t2a)
+  and ``request.json``; where both streams exist the backend adds ``sync.png``: the frame strip over the
+  spectrogram with the detected audio onsets (solid) and video events (dashed) of :mod:`jointdit.evaluate`,
+  titled with the clip's sync score (IoU of its own onsets and events).
 
 Memory. ``max_t`` (latent frames) samples a shorter clip (``LatentSpec.crop``); ``q_chunk_v`` /
 ``q_chunk_a`` / ``kv_downsample`` / ``kv_pool_space`` / ``vid_decode_chunk`` go to ``Session.set_vram``
 (the K/V pooling knobs at 0 = the model's own: the export's setting, which changes the function the model
 computes). :meth:`Backend.estimate` is the sampler's own plan (:func:`jointdit.memory.sampling_plan`) for
-the same shapes and knobs, the batched forward being as large as the number of guidance branches that
-will be computed.
+the same shapes and knobs, the batched forward being as large as the number of guidance rows the
+sampler will run for that task (:meth:`Backend.branches`).
 
 Switching models drops every reference to the old session (model, codecs, CLIP), runs the garbage
 collector and empties the CUDA cache before the new one loads.
@@ -31,14 +46,20 @@ from __future__ import annotations
 import gc
 import logging
 import threading
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-TASKS: tuple[str, ...] = ("joint", "i2sv", "a2v", "v2a")
+# the sampler's tasks (jointdit.diffusion.masks.MODES), in the page's order; kept here so that importing the
+# UI does not import torch
+TASKS: tuple[str, ...] = ("joint", "i2sv", "a2v", "v2a", "extend_v", "extend_a", "inpaint_v", "inpaint_a", "t2v",
+                          "t2a")
+ONE_STREAM: dict[str, str] = {"t2v": "video", "t2a": "audio"}   # the one stream these tasks generate
 KNOBS: tuple[str, ...] = ("max_t", "q_chunk_v", "q_chunk_a", "kv_downsample", "kv_pool_space", "vid_decode_chunk")
 WEIGHTS: tuple[str, ...] = ("w_v", "w_a", "w_txt", "w_neg", "w_img")
 
@@ -67,23 +88,77 @@ class GenerateRequest:
     negative_prompt: str = ""
     image: str | None = None                       # i2sv: an image file
     reference: str | None = None                   # i2sv: a held-out clip id (its stored first frame)
-    audio: str | None = None                       # a2v: a sound file or a clip with sound
-    video: str | None = None                       # v2a: a clip
+    audio: str | None = None                       # a2v, extend_a, inpaint_a: a sound file or a clip with sound
+    video: str | None = None                       # v2a, extend_v, inpaint_v, extend_a with both: a clip
+    seconds_given: float | None = None             # extend_v / extend_a: the input's first seconds, kept
+    both: bool = False                             # extend_*: also keep the other stream's first seconds
+    span: tuple[float, float] | None = None        # inpaint_v (temporal) / inpaint_a: (start, end) s regenerated
+    region: tuple[float, float, float, float] | None = None   # inpaint_v (spatial): top, left, bottom, right
 
 
 @dataclass
 class Output:
     seed: int
     folder: Path
-    mp4: Path
-    video_mp4: Path
-    wav: Path
-    png: Path                                      # the sampler's preview (frame strip over the spectrogram)
-    sync_png: Path | None = None                   # the same with onsets / video events drawn, and the score
+    png: Path                                      # the sampler's preview (frame strip and / or spectrogram)
+    mp4: Path | None = None                        # with sound; t2v: without a sound track; t2a: none
+    video_mp4: Path | None = None                  # the video alone (not for t2v, whose mp4 is that already)
+    wav: Path | None = None                        # t2v: none
+    sync_png: Path | None = None                   # the preview with onsets / video events drawn, and the score
     sync: float | None = None                      # the clip's own sync score (IoU of onsets and events)
+    warnings: tuple[str, ...] = ()                 # what the sampler warned about while making this sample
 
 
 StepHook = Callable[[int, int, int, int], None]   # (sample index, samples, step done, steps)
+
+# the input each task samples from (a GenerateRequest field), and what to tell a user who gave none
+NEEDS: dict[str, tuple[str, str]] = {
+    "a2v": ("audio", "audio → video needs a sound: upload one or record it"),
+    "v2a": ("video", "video → audio needs a clip: upload one"),
+    "extend_v": ("video", "extend_v needs the clip to extend: upload one"),
+    "extend_a": ("audio", "extend_a needs the sound to extend: upload one or record it"),
+    "inpaint_v": ("video", "inpaint_v needs the clip to inpaint: upload one"),
+    "inpaint_a": ("audio", "inpaint_a needs the sound to inpaint: upload one or record it"),
+}
+
+
+def _check_inputs(req: GenerateRequest) -> None:
+    """What a request needs before any model is asked: a known task, seeds, the task's input and parameters
+    (their ranges depend on the model: :meth:`Backend._check_mask`)."""
+    if req.task not in TASKS:
+        raise ValueError(f"unknown task {req.task!r}; choose one of {', '.join(TASKS)}")
+    if not req.seeds:
+        raise ValueError("no seeds to sample")
+    if req.task == "i2sv" and not (req.image or req.reference):
+        raise ValueError("image → sounding video needs a first frame: upload an image, take one with the "
+                         "webcam, or pick a held-out clip")
+    name, missing = NEEDS.get(req.task, ("", ""))
+    if name and not getattr(req, name):
+        raise ValueError(missing)
+    if req.task == "extend_a" and req.both and not req.video:
+        raise ValueError("extend_a keeping a clip's first seconds of video too needs that clip: upload one")
+    if req.task.startswith("extend_") and req.seconds_given is None:
+        raise ValueError(f"{req.task} needs seconds given: how much of the input's start to keep")
+    if req.task == "inpaint_v" and (req.span is None) == (req.region is None):
+        raise ValueError("inpaint_v regenerates a time span or a region of every frame: give exactly one")
+    if req.task == "inpaint_a" and req.span is None:
+        raise ValueError("inpaint_a needs the span (start and end, in seconds) of sound to regenerate")
+
+
+@contextmanager
+def _recorded() -> Iterator[list[str]]:
+    """The messages of the user warnings raised inside (repeats too: the sampler's), logged instead of printed.
+
+    ``warnings.catch_warnings`` is process-wide: a warning another thread raises meanwhile lands here too
+    (the page's other calls meanwhile only estimate memory, whose warnings say the same about this model);
+    other categories (a garbage-collected event loop's ResourceWarning …) are left to their filters."""
+    caught: list[str] = []
+    with warnings.catch_warnings(record=True) as records:
+        warnings.simplefilter("always", UserWarning)
+        yield caught
+        caught.extend(str(r.message) for r in records if issubclass(r.category, UserWarning))
+    for message in caught:
+        log.warning("sampler: %s", message)
 
 
 class Backend:
@@ -153,6 +228,10 @@ class Backend:
     def latent_frames(self) -> int:
         return int(self.session.spec.video_shape[0]) if self.session is not None else 0
 
+    def clip_seconds(self, max_t: int = 0) -> float:
+        """Seconds of the clip sampled: the model's ``LatentSpec.seconds`` after the ``max_t`` crop."""
+        return float(self._need().spec.crop(int(max_t or 0)).seconds)
+
     def has_clip(self) -> bool:
         return self.session is not None and self.session.clip is not None
 
@@ -179,22 +258,26 @@ class Backend:
     # ------------------------------------------------------------------------------------------
     # Memory
     # ------------------------------------------------------------------------------------------
-    def branches(self, task: str, weights: dict[str, Any], prompt: str = "", negative: str = "") -> int:
-        """Guidance branches one step computes (see :mod:`jointdit.diffusion.guidance`): ``pos`` + ``iso``
-        (w_v or w_a) + ``no_text`` (w_txt and a prompt) + ``neg_text`` (w_neg and a negative prompt)
-        + ``no_image`` (w_img and an image condition); text and image need a CLIP encoder."""
-        w = {k: float(weights.get(k) or 0.0) for k in WEIGHTS}
-        name = str(weights.get("name", "jointcfg"))
-        if name == "none":
-            return 1
-        if name == "cfg":
-            w["w_v"] = w["w_a"] = w["w_neg"] = 0.0
+    def branches(self, task: str, weights: dict[str, Any], prompt: str = "", negative: str = "",
+                 both: bool = False) -> int:
+        """Rows of the guided forward the sampler runs per step for this request (``pos`` + each guidance
+        branch, :mod:`jointdit.diffusion.guidance`): the guidance as the sampler builds it (iso weights of a
+        model never trained with iso modes are zeroed), less the iso branch for t2v / t2a (their present
+        stream is already isolated from the absent one, so the sampler drops it:
+        :mod:`jointdit.diffusion.sampler`); the text / negative / image branches only with a CLIP encoder and
+        a prompt / negative prompt / image condition (i2sv's frame, or the first frame of the video a task
+        keeps: ``jointdit.sample``)."""
+        from jointdit.diffusion.guidance import build_guidance
+        from jointdit.memory import guidance_branches
+        from jointdit.sample import VIDEO_TASKS
+
+        guidance = build_guidance(dict(weights), iso_prob=self._need().meta.get("iso_prob"))
+        if task in ONE_STREAM:
+            guidance = guidance.without("iso")
         clip = self.has_clip()
-        n = 1 + bool(w["w_v"] or w["w_a"])
-        n += bool(w["w_txt"] and clip and prompt)
-        n += bool(w["w_neg"] and clip and negative)
-        n += bool(w["w_img"] and clip and task == "i2sv")
-        return n
+        image = task == "i2sv" or task in VIDEO_TASKS or (task == "extend_a" and bool(both))
+        return guidance_branches(guidance, prompt=clip and bool(prompt), negative=clip and bool(negative),
+                                 image=clip and image)
 
     def attention_knob(self, name: str, knob: Any) -> int:
         """The K/V pooling (``kv_downsample`` / ``kv_pool_space``) a request runs with: the knob, or (0) the
@@ -203,7 +286,7 @@ class Backend:
         return int(knob or 0) or int(exported or 1)
 
     def estimate(self, task: str, weights: dict[str, Any], knobs: dict[str, Any], prompt: str = "",
-                 negative: str = "") -> dict[str, Any]:
+                 negative: str = "", both: bool = False) -> dict[str, Any]:
         """The sampling plan (:func:`jointdit.memory.sampling_plan`: model, codec and CLIP weights, the batched
         forward of the guidance rows that will run, the decode) for these knobs, as a dict with ``branches``
         and ``fits``. On CPU the budget is the RAM still available, which the loaded session already left
@@ -211,7 +294,7 @@ class Backend:
         from jointdit.memory import sampling_plan
 
         s = self._need()
-        branches = self.branches(task, weights, prompt, negative)
+        branches = self.branches(task, weights, prompt, negative, both)
         vram = {"q_chunk_v": int(knobs.get("q_chunk_v") or 0), "q_chunk_a": int(knobs.get("q_chunk_a") or 0),
                 "kv_downsample": self.attention_knob("kv_downsample", knobs.get("kv_downsample")),
                 "kv_pool_space": self.attention_knob("kv_pool_space", knobs.get("kv_pool_space")),
@@ -232,27 +315,21 @@ class Backend:
         """Sample ``req.seeds`` one after the other, each into its own new folder; one :class:`Output` per seed.
 
         Raises :class:`Cancelled` (when ``cancel`` is set) between steps — the finished seeds ride on it —,
-        ``ValueError`` / ``MediaError`` for unusable inputs, :class:`NoModel` when nothing is loaded.
+        ``ValueError`` / ``MediaError`` for unusable inputs or parameters out of range, :class:`NoModel` when
+        nothing is loaded.
         """
         from jointdit.sample import SampleRequest, SamplingCancelled, generate
 
-        if req.task not in TASKS:
-            raise ValueError(f"unknown task {req.task!r}; choose one of {', '.join(TASKS)}")
-        if not req.seeds:
-            raise ValueError("no seeds to sample")
-        if req.task == "i2sv" and not (req.image or req.reference):
-            raise ValueError("image → sounding video needs a first frame: upload an image, take one with the "
-                             "webcam, or pick a held-out clip")
-        if req.task == "a2v" and not req.audio:
-            raise ValueError("audio → video needs a sound: upload one or record it")
-        if req.task == "v2a" and not req.video:
-            raise ValueError("video → audio needs a clip: upload one")
+        _check_inputs(req)
         knobs = {k: int(req.knobs.get(k) or 0) for k in KNOBS}
         with self._lock:
             session = self._need()
-            session.set_vram({"q_chunk_v": knobs["q_chunk_v"], "q_chunk_a": knobs["q_chunk_a"],
-                              "vid_decode_chunk": knobs["vid_decode_chunk"] or None},
-                             kv_downsample=knobs["kv_downsample"] or None, kv_pool_space=knobs["kv_pool_space"] or None)
+            self._check_mask(req, knobs["max_t"])
+            with _recorded() as knob_warnings:
+                session.set_vram({"q_chunk_v": knobs["q_chunk_v"], "q_chunk_a": knobs["q_chunk_a"],
+                                  "vid_decode_chunk": knobs["vid_decode_chunk"] or None},
+                                 kv_downsample=knobs["kv_downsample"] or None,
+                                 kv_pool_space=knobs["kv_pool_space"] or None)
             outputs: list[Output] = []
             steps = int(req.steps)
             for k, seed in enumerate(req.seeds):
@@ -264,23 +341,60 @@ class Backend:
                 request = SampleRequest(task=req.task, prompt=req.prompt or "", negative_prompt=req.negative_prompt or "",
                                         image=req.image or None, reference=None if req.image else req.reference,
                                         audio=req.audio, video=req.video, seeds=[int(seed)], steps=steps,
-                                        guidance=dict(req.guidance), out_dir=str(self.out_dir), max_t=knobs["max_t"])
+                                        guidance=dict(req.guidance), out_dir=str(self.out_dir), max_t=knobs["max_t"],
+                                        seconds_given=req.seconds_given, both=bool(req.both), span=req.span,
+                                        region=req.region)
                 if cancel is not None and cancel.is_set():
                     err = Cancelled(k, 0, steps)
                     err.outputs = outputs
                     raise err
                 try:
-                    result = generate(session, request, progress=progress)
+                    with _recorded() as sample_warnings:
+                        result = generate(session, request, progress=progress)
                 except SamplingCancelled as stop:
                     err = Cancelled(k, stop.step, steps)
                     err.outputs = outputs
                     raise err from None
                 sample = result.samples[0]
-                out = Output(seed=int(seed), folder=result.folder, mp4=sample.mp4, video_mp4=sample.video_mp4,
-                             wav=sample.wav, png=sample.png)
-                out.sync_png, out.sync = self._sync_plot(sample, result.folder, req.task, steps)
+                out = Output(seed=int(seed), folder=result.folder, png=sample.png, mp4=sample.mp4,
+                             video_mp4=sample.video_mp4, wav=sample.wav,
+                             warnings=tuple(dict.fromkeys(knob_warnings + sample_warnings)))
+                if sample.frames is not None and sample.wave is not None:
+                    out.sync_png, out.sync = self._sync_plot(sample, result.folder, req.task, steps)
                 outputs.append(out)
             return outputs
+
+    def _check_mask(self, req: GenerateRequest, max_t: int) -> None:
+        """The extend / inpaint parameters against the clip sampled (the model's, after the ``max_t`` crop);
+        each refusal names the allowed range. The sampler would take some of them silently: a prefix
+        shorter than one latent patch keeps nothing, one as long as the clip leaves nothing to generate."""
+        from jointdit.diffusion.masks import Geometry
+
+        spec = self.session.spec.crop(max_t)
+        cropped = spec.seconds < self.session.spec.seconds
+        clip = f"the {spec.seconds:g} s clip {f'max_t={max_t}' if cropped else 'the model'} samples"
+        if req.task in ("extend_v", "extend_a"):
+            video = req.task == "extend_v"
+            cfg = self.session.model.config
+            g = Geometry.from_spec(spec, cfg.video_patch_size, cfg.audio_patch_size)
+            rate, offset, n, patch = ((g.video_rate, g.video_offset, g.video[0], g.video_patch[0]) if video
+                                      else (g.audio_rate, g.audio_offset, g.audio_steps, g.audio_patch_t))
+            given = float(req.seconds_given)
+            if not 0 < g.given_prefix(given, video=video) < n:
+                raise ValueError(f"seconds given = {given:g} is out of range for {clip}: give "
+                                 f"{offset + patch / rate:g} to {offset + (n - patch) / rate:g} s (at least one "
+                                 f"latent patch of {'video' if video else 'sound'} kept, and one generated)")
+        if req.span is not None:
+            start, end = (float(x) for x in req.span)
+            if not 0 <= start < end <= spec.seconds:
+                raise ValueError(f"span {start:g}–{end:g} s is out of range for {clip}: give "
+                                 f"0 ≤ start < end ≤ {spec.seconds:g} s")
+        if req.region is not None:
+            top, left, bottom, right = (float(x) for x in req.region)
+            if not (0 <= top < bottom <= 1 and 0 <= left < right <= 1):
+                raise ValueError(f"region top {top:g}, left {left:g}, bottom {bottom:g}, right {right:g} is out of "
+                                 "range: give fractions of the frame with 0 ≤ top < bottom ≤ 1 and "
+                                 "0 ≤ left < right ≤ 1")
 
     @staticmethod
     def _sync_plot(sample, folder: Path, task: str, steps: int) -> tuple[Path | None, float | None]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from uihelpers import RUN, free_port  # noqa: E402
+from uihelpers import RUN, free_port, square_and_tone  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,51 @@ def backend(ui_root, model_folder, tmp_path_factory):
 
 
 GUIDANCE = {"name": "jointcfg", "w_v": 1.2, "w_a": 1.2, "w_txt": 1.5, "w_neg": 0.0, "w_img": 1.0}
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> dict[str, Path]:
+    """The condition of the edit tasks at the model's geometry: an MP4 with sound and its sound as a WAV."""
+    from jointdit.data.media import write_mp4, write_wav
+
+    root = tmp_path_factory.mktemp("conditions")
+    frames, wave = square_and_tone()
+    return {"mp4": write_mp4(root / "clip.mp4", frames, 8, wave, 16000),
+            "wav": write_wav(root / "tone.wav", wave, 16000)}
+
+
+def _frames(path: Path):
+    """Every frame of an MP4 as RGB ``[T, H, W, 3]`` floats in 0..255, read with PyAV."""
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24").astype(float)
+                         for f in container.decode(container.streams.video[0])])
+
+
+def _log_mel(path: Path):
+    """The log-mel ``[64, frames at 100 Hz]`` of a WAV, read with soundfile, by librosa (not the mel codec)."""
+    import librosa
+    import numpy as np
+    import soundfile as sf
+
+    wave, rate = sf.read(str(path), dtype="float32")
+    return np.log(librosa.feature.melspectrogram(y=wave, sr=rate, n_fft=1024, hop_length=160, n_mels=64, power=1.0)
+                  + 1e-5)
+
+
+def _round_trip_error(backend, wav: Path, tmp_path: Path):
+    """Per-frame mel error of the condition through the model's audio codec alone (encode, decode, write)."""
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    wave, rate = sf.read(str(wav), dtype="float32")
+    codec = backend.session.audio_codec
+    back = codec.decode(codec.encode(torch.from_numpy(wave)[None]))[0, : wave.shape[0]].numpy()
+    sf.write(tmp_path / "round_trip.wav", back, rate)
+    return np.abs(_log_mel(tmp_path / "round_trip.wav") - _log_mel(wav)).mean(axis=0)
 
 
 def test_same_request_twice_never_overwrites(backend):
@@ -104,6 +149,117 @@ def test_inputs_missing_or_unknown_give_clear_errors(backend):
             GenerateRequest(task="joint", seeds=[0], steps=1, guidance=GUIDANCE))
 
 
+def _generate_one(backend, task: str, **fields):
+    from jointdit.ui.backend import GenerateRequest
+
+    out, = backend.generate(GenerateRequest(task=task, seeds=[0], steps=2, guidance=GUIDANCE, **fields))
+    return out
+
+
+def test_extend_a_keeps_the_first_seconds_of_the_sound(backend, clip, tmp_path):
+    """The written WAV's first 0.4 s (of 0.5 s given; the STFT window reaches 32 ms past a frame) are the
+    condition's, as close as the codec's own round trip of it; the rest is the model's."""
+    out = _generate_one(backend, "extend_a", audio=str(clip["wav"]), seconds_given=0.5)
+    error = abs(_log_mel(out.wav) - _log_mel(clip["wav"])).mean(axis=0)             # per 10 ms frame
+    codec_error = _round_trip_error(backend, clip["wav"], tmp_path)
+    assert error[:40].mean() <= 1.25 * codec_error[:40].mean() + 0.1, (error[:40].mean(), codec_error[:40].mean())
+    assert error[60:].mean() > 5 * codec_error[60:].mean()                            # generated, not the tone
+    assert out.mp4 is not None and out.sync_png is not None                           # the video is generated too
+    assert any("not trained on task extend_a" in w for w in out.warnings)             # the export's tasks lack it
+
+
+def test_inpaint_a_keeps_the_sound_outside_the_span(backend, clip, tmp_path):
+    out = _generate_one(backend, "inpaint_a", audio=str(clip["wav"]), span=(0.3, 0.7))
+    error = abs(_log_mel(out.wav) - _log_mel(clip["wav"])).mean(axis=0)
+    codec_error = _round_trip_error(backend, clip["wav"], tmp_path)
+    kept = list(range(0, 20)) + list(range(80, 100))                                  # 0.1 s clear of the span
+    assert error[kept].mean() <= 1.25 * codec_error[kept].mean() + 0.15, (error[kept].mean(), codec_error[kept].mean())
+    assert error[35:65].mean() > 5 * codec_error[35:65].mean()
+
+
+def test_extend_v_keeps_the_first_frames_and_inpaint_v_the_frame_outside_the_region(backend, clip):
+    given = _frames(clip["mp4"])                                                      # 8 frames at 8 fps
+    extended = _frames(_generate_one(backend, "extend_v", video=str(clip["mp4"]), seconds_given=0.5).mp4)
+    diff = abs(extended - given).mean(axis=(1, 2, 3))                                 # per frame, of 255
+    assert (diff[:4] < 2).all() and (diff[4:] > 20).all(), diff                       # H.264 error only / generated
+    inpainted = _frames(_generate_one(backend, "inpaint_v", video=str(clip["mp4"]), region=(0, 0, 0.5, 0.5)).mp4)
+    diff = abs(inpainted - given)
+    inside = diff[:, :16, :16]                                                        # the top-left quarter
+    outside = (diff.sum() - inside.sum()) / (diff.size - inside.size)
+    assert outside < 2 and inside.mean() > 20, (outside, inside.mean())
+
+
+def test_t2v_writes_a_video_without_sound_and_t2a_a_sound_without_video(backend):
+    import av
+    import soundfile as sf
+
+    video = _generate_one(backend, "t2v")
+    with av.open(str(video.mp4)) as container:
+        assert len(container.streams.audio) == 0 and len(container.streams.video) == 1
+        assert sum(1 for _ in container.decode(container.streams.video[0])) == 8
+    assert video.wav is None and video.video_mp4 is None and video.sync_png is None and video.png.is_file()
+    assert {p.suffix for p in video.folder.iterdir()} == {".mp4", ".png", ".json"}
+    assert any("not trained on task t2v" in w for w in video.warnings)
+    sound = _generate_one(backend, "t2a")
+    assert sound.mp4 is None and sound.sync_png is None and sf.info(str(sound.wav)).frames == 16000
+    assert {p.suffix for p in sound.folder.iterdir()} == {".wav", ".png", ".json"}
+
+
+def test_guidance_rows_are_those_the_sampler_runs(backend):
+    """t2v / t2a drop the iso branch (their stream is already isolated): rows seen by the model per step."""
+    rows: list[int] = []
+    hook = backend.session.model.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        for task in ("joint", "t2v", "t2a"):
+            rows.clear()
+            _generate_one(backend, task)
+            assert set(rows) == {backend.branches(task, GUIDANCE)}, (task, rows)
+    finally:
+        hook.remove()
+    assert (backend.branches("joint", GUIDANCE), backend.branches("t2v", GUIDANCE)) == (2, 1)
+    joint, t2v = backend.estimate("joint", GUIDANCE, {}), backend.estimate("t2v", GUIDANCE, {})
+    assert t2v["branches"] == 1 and t2v["forward"] < joint["forward"]
+
+
+@pytest.mark.parametrize("task,fields,message", [
+    ("extend_v", {"seconds_given": 1.5}, "seconds given = 1.5 is out of range for the 1 s clip the model samples: "
+                                         "give 0.125 to 0.875 s"),
+    ("extend_a", {"seconds_given": 0.01}, "seconds given = 0.01 is out of range for the 1 s clip the model samples: "
+                                          "give 0.04 to 0.96 s"),
+    ("extend_a", {"seconds_given": 0.49, "knobs": {"max_t": 4}}, "out of range for the 0.5 s clip max_t=4 samples: "
+                                                                 "give 0.04 to 0.44 s"),   # 48 audio latents
+    ("inpaint_a", {"span": (0.5, 1.4)}, "span 0.5–1.4 s is out of range for the 1 s clip the model samples: "
+                                        "give 0 ≤ start < end ≤ 1 s"),
+    ("inpaint_v", {"span": (0.6, 0.2)}, "span 0.6–0.2 s is out of range"),
+    ("inpaint_v", {"region": (0.5, 0.2, 0.4, 0.9)}, "region top 0.5, left 0.2, bottom 0.4, right 0.9 is out of range: "
+                                                    "give fractions of the frame with 0 ≤ top < bottom ≤ 1"),
+    ("inpaint_v", {}, "inpaint_v regenerates a time span or a region of every frame: give exactly one"),
+    ("extend_v", {}, "extend_v needs seconds given"),
+])
+def test_edit_parameters_out_of_range_are_refused_naming_the_range(backend, clip, task, fields, message):
+    from jointdit.ui.backend import GenerateRequest
+
+    source = {"video": str(clip["mp4"])} if task.endswith("_v") else {"audio": str(clip["wav"])}
+    before = set(backend.out_dir.iterdir())
+    with pytest.raises(ValueError) as err:
+        backend.generate(GenerateRequest(task=task, seeds=[0], steps=1, guidance=GUIDANCE, **source, **fields))
+    assert message in str(err.value), str(err.value)
+    assert set(backend.out_dir.iterdir()) == before                                  # nothing sampled
+
+
+@pytest.mark.parametrize("task,fields,message", [
+    ("extend_v", {"seconds_given": 0.5}, "extend_v needs the clip to extend"),
+    ("extend_a", {"seconds_given": 0.5}, "extend_a needs the sound to extend"),
+    ("inpaint_v", {"span": (0.2, 0.4)}, "inpaint_v needs the clip to inpaint"),
+    ("inpaint_a", {"span": (0.2, 0.4)}, "inpaint_a needs the sound to inpaint"),
+])
+def test_edit_tasks_without_their_input_say_what_to_upload(backend, task, fields, message):
+    from jointdit.ui.backend import GenerateRequest
+
+    with pytest.raises(ValueError, match=message):
+        backend.generate(GenerateRequest(task=task, seeds=[0], steps=1, guidance=GUIDANCE, **fields))
+
+
 def test_held_out_clips_come_from_the_models_cache(backend):
     held = backend.held_out()
     assert len(held) == 2 and all(cid in label for label, cid in held)
@@ -129,6 +285,16 @@ def test_catalog_lists_exports_with_step_and_val_loss_and_the_mlflow_model(ui_ro
         (model_folder / "diffusion_pytorch_model.safetensors").read_bytes()
     # no MLflow store: nothing listed, and no database file created by asking
     assert catalog.scan_mlflow(f"sqlite:///{tmp_path}/none.db") == [] and not (tmp_path / "none.db").exists()
+
+
+def test_every_sampler_task_has_one_tab_in_the_page():
+    from jointdit.diffusion.masks import MODES, present_streams
+    from jointdit.ui.app import TAB_GROUPS, TASK_NOTES, TASK_TITLES
+    from jointdit.ui.backend import ONE_STREAM, TASKS
+
+    assert set(TASKS) == set(MODES) and set(TASK_TITLES) == set(TASK_NOTES) == set(TASKS)
+    assert [task for _, tasks in TAB_GROUPS.values() for task in tasks] == list(TASKS)   # TASKS[0]: the first tab
+    assert ONE_STREAM == {task: present_streams(task)[0] for task in MODES if len(present_streams(task)) == 1}
 
 
 def test_host_other_than_loopback_warns():

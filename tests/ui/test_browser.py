@@ -1,5 +1,6 @@
 """The real app in a real Chromium: each task end to end, webcam and microphone, progress + cancel per page,
-bad uploads on every input, seeds and samples, the model picker.
+bad uploads on every input, seeds and samples, the model picker; extend_a, t2v (no sound track) and t2a (a
+sound player) end to end, an edit parameter out of range, the memory estimate following the tab.
 
 The model is a tiny one trained in this session (conftest.ui_root); the page is driven only through what
 a user sees and clicks (tabs, uploads, Chromium's fake camera and microphone, buttons); results are
@@ -10,8 +11,8 @@ with MP4, WAV and PNG). The app runs with small upload limits (uihelpers.UPLOAD_
 from __future__ import annotations
 
 import gc
+import json
 import sys
-import math
 import time
 import weakref
 from pathlib import Path
@@ -19,10 +20,15 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from uihelpers import RUN, UPLOAD_LIMITS, open_page  # noqa: E402
+from uihelpers import RUN, UPLOAD_LIMITS, open_page, square_and_tone  # noqa: E402
 
+GROUPS = {"video + sound": ("joint", "i2sv", "a2v", "v2a"),
+          "extend / inpaint": ("extend_v", "extend_a", "inpaint_v", "inpaint_a"),
+          "video or sound alone": ("t2v", "t2a")}
 TAB = {"joint": "text → video + sound", "i2sv": "image → sounding video", "a2v": "audio → video",
-       "v2a": "video → audio"}
+       "v2a": "video → audio", "extend_v": "extend a video", "extend_a": "extend a sound",
+       "inpaint_v": "inpaint a video", "inpaint_a": "inpaint a sound", "t2v": "text → video only",
+       "t2a": "text → sound only"}
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +42,7 @@ def media(tmp_path_factory) -> dict[str, Path]:
     from jointdit.data.media import write_mp4, write_wav
 
     root = tmp_path_factory.mktemp("media")
-    frames = torch.full((8, 3, 32, 32), -0.6)
-    for t in range(8):
-        frames[t, :, 8:20, 2 + 3 * t: 14 + 3 * t] = 0.8
-    wave = 0.4 * torch.sin(2 * math.pi * 440 * torch.arange(16000) / 16000)
+    frames, wave = square_and_tone()
     Image.fromarray(((frames[0].permute(1, 2, 0) + 1) * 127.5).byte().numpy()).save(root / "frame.png")
     for name in ("notes.mp4", "notes.wav", "notes.png"):
         (root / name).write_text("these are my notes, not a video, a sound or a picture\n" * 20)
@@ -66,7 +69,10 @@ def _folders(studio) -> set[Path]:
 
 
 def _open_tab(page, task: str) -> None:
-    page.get_by_role("tab", name=TAB[task]).click()
+    """Click the task's group in the top row of tabs, then the task's tab in the row below."""
+    group, = (title for title, tasks in GROUPS.items() if task in tasks)
+    page.get_by_role("tab", name=group, exact=True).click()
+    page.get_by_role("tab", name=TAB[task], exact=True).click()
     page.locator(f"#generate-{task}").wait_for(state="visible")
 
 
@@ -80,11 +86,12 @@ def _set_number(page, elem_id: str, value) -> None:
         page.wait_for_function(f"() => document.querySelector('#{elem_id} input[type=range]').value == '{value}'")
 
 
-def _play(page, task: str) -> dict:
-    """Play the result muted and report what Chromium decoded."""
-    video = page.locator(f"#video-{task} video")
-    video.wait_for(state="attached", timeout=120_000)
-    return video.evaluate("""async v => {
+def _play(page, task: str, kind: str = "video") -> dict:
+    """Play the result (``kind``: its <video>, or for t2a the <audio> behind its waveform, which sits beside a
+    hidden standard player) muted and report what Chromium decoded."""
+    player = page.locator(f"#video-{task} video" if kind == "video" else f"#audio-{task} [data-testid^=waveform] audio")
+    player.wait_for(state="attached", timeout=120_000)
+    return player.evaluate("""async v => {
         v.muted = true;
         if (v.readyState < 1) await new Promise(r => v.addEventListener('loadedmetadata', r, {once: true}));
         await v.play();
@@ -133,6 +140,75 @@ def test_each_task_generates_a_sounding_video_in_the_page(page, app, media, task
     assert wav.count() == 1
     download = page.request.get(wav.get_attribute("href"))
     assert download.ok and download.body()[:4] == b"RIFF" and download.body() == (folder / f"{base}.wav").read_bytes()
+
+
+def test_extend_a_keeps_the_uploaded_sound_and_plays_with_it(page, app, media):
+    """extend_a end to end: the first half second of the uploaded tone is kept (the backend tests compare the
+    files), a video and the rest of the sound are generated; the export did not train extend_a, so the
+    status line carries the sampler's warning."""
+    studio, _, _ = app
+    before = _folders(studio)
+    _set_number(page, "steps", 2)
+    _open_tab(page, "extend_a")
+    page.locator("#extend_a-audio input[type=file]").set_input_files(str(media["wav"]))
+    page.locator("#extend_a-audio [data-testid=download-link]").wait_for(state="attached")
+    _set_number(page, "extend_a-seconds", 0.5)
+    page.locator("#generate-extend_a").click()
+    status = page.locator("#status-extend_a")
+    status.get_by_text("Done: 1 sample(s)").wait_for(timeout=120_000)
+    assert "Sampler warning: the model was not trained on task extend_a" in status.inner_text()
+    played = _play(page, "extend_a")
+    assert played["duration"] > 0.9 and played["time"] > 0 and played["audioBytes"] > 0 and played["videoBytes"] > 0
+    folder, = _folders(studio) - before
+    request = json.loads((folder / "request.json").read_text())["request"]
+    assert (request["task"], request["seconds_given"], request["both"]) == ("extend_a", 0.5, False)
+
+
+def test_t2v_plays_without_a_sound_track_and_t2a_as_a_sound(page, app):
+    import av
+
+    studio, _, _ = app
+    _set_number(page, "steps", 2)
+    _open_tab(page, "t2v")
+    text, (folder,) = _generate(page, studio, "t2v", 1)
+    assert "its MP4 has no sound track" in text and "not trained on task t2v" in text
+    played = _play(page, "t2v")
+    assert played["duration"] > 0.9 and played["time"] > 0 and played["videoBytes"] > 0
+    assert played["audioBytes"] == 0, played           # nothing to decode: no audio track
+    mp4, = folder.glob("*.mp4")
+    with av.open(str(mp4)) as container:
+        assert not container.streams.audio and len(container.streams.video) == 1
+    assert page.locator("#files-t2v a[download$='.mp4']").count() == 1
+    assert page.locator("#files-t2v a[download$='.wav']").count() == 0
+
+    _open_tab(page, "t2a")
+    text, (folder,) = _generate(page, studio, "t2a", 1)
+    assert "a WAV and its spectrogram, no MP4" in text
+    played = _play(page, "t2a", "audio")
+    assert played["duration"] > 0.9 and played["time"] > 0 and played["audioBytes"] > 0, played
+    assert not list(folder.glob("*.mp4")) and len(list(folder.glob("*.wav"))) == 1
+    assert page.locator("#preview-t2a img").count() >= 1   # its spectrogram
+
+
+def test_an_edit_parameter_out_of_range_is_named_in_the_page(page, app, media):
+    """inpaint_v with a region past the frame's bottom: the status line (and a toast) give the allowed range;
+    nothing is sampled."""
+    studio, _, _ = app
+    before = _folders(studio)
+    _open_tab(page, "inpaint_v")
+    page.locator("#inpaint_v-video input[type=file]").set_input_files(str(media["mp4"]))
+    page.locator("#inpaint_v-preview video").wait_for(state="attached")
+    page.locator("#inpaint_v-target").get_by_text("a region of every frame").click()
+    page.locator("#inpaint_v-bottom").wait_for(state="visible")
+    assert not page.locator("#inpaint_v-span-start").is_visible()
+    _set_number(page, "inpaint_v-bottom", 1.5)
+    page.locator("#generate-inpaint_v").click()
+    message = ("region top 0.25, left 0.25, bottom 1.5, right 0.75 is out of range: give fractions of the frame "
+               "with 0 ≤ top < bottom ≤ 1 and 0 ≤ left < right ≤ 1")
+    page.locator(".toast-body").get_by_text(f"Cannot sample: {message}").wait_for()
+    assert f"Cannot sample: {message}" in page.locator("#status-inpaint_v").inner_text()
+    assert "Traceback" not in page.content()
+    assert _folders(studio) == before
 
 
 INPUT = {"i2sv": "#i2sv-image", "a2v": "#a2v-audio", "v2a": "#v2a-video"}
@@ -191,8 +267,6 @@ def test_the_server_refuses_an_upload_over_the_size_limit(page, app):
 def test_webcam_photo_and_microphone_recording_are_sampled(page, app):
     """A real capture through the page: Chromium's fake camera → the webcam photo → i2sv; its fake
     microphone → a recording → a2v. Each is checked like an upload, then sampled."""
-    import json
-
     import soundfile as sf
     from PIL import Image
 
@@ -357,11 +431,17 @@ def test_model_picker_lists_runs_and_mlflow_models_and_switches(page, app, ui_ro
     page.locator("#i2sv-preview img").wait_for()                                      # its first frame
 
 
-def test_memory_estimate_follows_the_knobs(page, app):
+def test_memory_estimate_follows_the_tab_and_the_knobs(page, app):
     estimate = page.locator("#memory-estimate")
     estimate.get_by_text("Estimated peak").wait_for()
     before = estimate.inner_text()
-    assert "2 guidance branches" in before            # pos + iso (w_v, w_a ≠ 0; no CLIP: no text branches)
+    assert "for sampling joint" in before and "2 guidance branches" in before   # pos + iso (no CLIP: no text)
+    _open_tab(page, "t2v")                             # its video is isolated already: no iso branch
+    estimate.get_by_text("for sampling t2v").wait_for()
+    assert "1 guidance branch in" in estimate.inner_text()
+    _open_tab(page, "joint")
+    estimate.get_by_text("for sampling joint").wait_for()
+    assert "2 guidance branches" in estimate.inner_text()
     _set_number(page, "w_v", 0)
     _set_number(page, "w_a", 0)
     page.locator("#memory-estimate").get_by_text("1 guidance branch in").wait_for()

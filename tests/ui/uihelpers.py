@@ -20,6 +20,19 @@ RUN = "outputs/2026-01-01/00-00-00"
 UPLOAD_LIMITS = {"max_mb": 1, "max_seconds": 4, "max_pixels": 4_000_000}   # a webcam photo is 1920×1440
 
 
+def square_and_tone():
+    """The tiny model's clip (1 s, 8 fps, 32 px, 16 kHz): a bright square moving right over grey, and a 440 Hz
+    tone; ``(frames [8, 3, 32, 32], wave [16000])`` in [-1, 1]."""
+    import math
+
+    import torch
+
+    frames = torch.full((8, 3, 32, 32), -0.6)
+    for t in range(8):
+        frames[t, :, 8:20, 2 + 3 * t: 14 + 3 * t] = 0.8
+    return frames, 0.4 * torch.sin(2 * math.pi * 440 * torch.arange(16000) / 16000)
+
+
 def open_page(browser, url: str):
     """A fresh browser context (its own Gradio session) on the studio: ``(context, page)``."""
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
