@@ -16,8 +16,8 @@ Tables:
   synthetic_cpu   the default recipe's figures per task (sync, its own shuffled chance, real floor and
                   ceiling, event F1, gates)
   sync_study      joint (cross-modal attention) vs iso (no cross-modal attention, iso_prob 1)
-  method_changes  before (iso_prob 0, no shift) → + iso training → + timestep shift, each under
-                  no guidance / CFG / JointCFG
+  method_changes  before (iso_prob 0, no shift) → + iso training → + sd3 timestep shift → the shipped
+                  floor at 1, each under no guidance / CFG / JointCFG
   kv_pooling      attention K/V pooling, 4x fewer video keys either way: none vs time vs space
 """
 
@@ -37,17 +37,20 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "experiments" / "results"
 
 # name -> (what it is, training overrides on top of experiment=synthetic_cpu)
+UNFLOORED = "objective.timestep_shift.min_shift=0"  # the sd3 shift as first shipped: audio's 200 tokens gave s = 0.88
 VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "default": ("synthetic_cpu as shipped: iso_prob 0.2, sd3 timestep shift", []),
-    "iso": ("iso model: every sample in iso attention (no cross-modal attention)", ["objective.iso_prob=1.0"]),
+    "default": ("synthetic_cpu as shipped: iso_prob 0.2, sd3 shift floored at 1 (min_shift 1)", []),
+    "sd3_unfloored": ("iso_prob 0.2, sd3 shift without a floor (audio s = 0.88)", [UNFLOORED]),
+    "iso": ("iso model: every sample in iso attention (no cross-modal attention), sd3 without a floor",
+            ["objective.iso_prob=1.0", UNFLOORED]),
     "before": ("before the method fixes: iso_prob 0, no timestep shift",
                ["objective.iso_prob=0.0", "objective.timestep_shift.method=none"]),
     "iso_train": ("+ iso training: iso_prob 0.2, no timestep shift",
                   ["objective.iso_prob=0.2", "objective.timestep_shift.method=none"]),
     "kv_time4": ("K/V averaged over 4 latent time steps (vram.kv_downsample=4, the old profiles' kind)",
-                 ["vram.kv_downsample=4"]),
+                 ["vram.kv_downsample=4", UNFLOORED]),
     "kv_space2": ("K/V averaged over 2x2 video positions and 2 mel bands, time exact (vram.kv_pool_space=2)",
-                  ["vram.kv_pool_space=2"]),
+                  ["vram.kv_pool_space=2", UNFLOORED]),
 }
 
 # name -> (label, guidance overrides); the tasks each evaluation samples
@@ -61,7 +64,8 @@ EVALUATIONS: dict[str, tuple[str, list[str]]] = {
 ALL_TASKS = "[joint,i2sv,a2v,v2a]"
 SYNC_TASKS = "[joint,a2v,v2a]"
 PLAN: dict[str, list[tuple[str, str]]] = {  # variant -> [(evaluation, tasks)]
-    "default": [("jointcfg", ALL_TASKS), ("none", SYNC_TASKS), ("cfg", SYNC_TASKS)],
+    "default": [("jointcfg", ALL_TASKS), ("none", SYNC_TASKS)],
+    "sd3_unfloored": [("jointcfg", ALL_TASKS), ("none", SYNC_TASKS), ("cfg", SYNC_TASKS)],
     "iso": [("jointcfg", ALL_TASKS)],
     "before": [("none", SYNC_TASKS), ("cfg", SYNC_TASKS), ("jointcfg_untrained", SYNC_TASKS)],
     "iso_train": [("none", SYNC_TASKS), ("jointcfg", SYNC_TASKS)],
@@ -179,11 +183,11 @@ def tables(study: Study) -> str:
     lines += ["", f"Training {_minutes(times, 'train/default')} min wall, evaluation "
               f"{_minutes(times, 'evaluate/default-jointcfg')} min.", ""]
 
-    lines += ["### Sync study (joint vs iso, same data, budget and seeds)", "",
+    lines += ["### Sync study (joint vs iso, same data, budget, seeds and shift rule: sd3 without a floor)", "",
               "| | sync | shuffled (gen.) | floor | ceiling | v2a F1 | a2v F1 |", "|---|---|---|---|---|---|---|"]
-    for variant in ("default", "iso"):
+    for variant in ("sd3_unfloored", "iso"):
         s = study.summary(variant, "jointcfg")
-        name = "joint" if variant == "default" else "iso"
+        name = "joint" if variant == "sd3_unfloored" else "iso"
         lines.append(f"| {name} | {_cell(s, 'joint/sync_gated')} | {_cell(s, 'joint/shuffled_gated')} | "
                      f"{_cell(s, 'floor')} | {_cell(s, 'ceiling')} | {_cell(s, 'v2a/v2a_f1')} | "
                      f"{_cell(s, 'a2v/a2v_f1')} |")
@@ -192,7 +196,7 @@ def tables(study: Study) -> str:
     lines += ["### What each method change did", "",
               "| training | guidance | val loss (EMA) | sync (joint) | shuffled (gen.) | v2a F1 | a2v F1 |",
               "|---|---|---|---|---|---|---|"]
-    for variant in ("before", "iso_train", "default"):
+    for variant in ("before", "iso_train", "sd3_unfloored", "default"):
         loss = study.val_loss(variant)
         for evaluation, _ in PLAN[variant]:
             s = study.summary(variant, evaluation)
@@ -204,10 +208,10 @@ def tables(study: Study) -> str:
     lines += ["### K/V pooling (vram.kv_downsample: time, vram.kv_pool_space: space)", "",
               "| K/V pooling | val loss (EMA) | sync (joint) | shuffled (gen.) | v2a F1 | a2v F1 |",
               "|---|---|---|---|---|---|"]
-    for variant in ("default", "kv_time4", "kv_space2"):
+    for variant in ("sd3_unfloored", "kv_time4", "kv_space2"):  # all trained with the unfloored shift
         s = study.summary(variant, "jointcfg")
         loss = study.val_loss(variant)
-        name = "none" if variant == "default" else VARIANTS[variant][0]
+        name = "none" if variant == "sd3_unfloored" else VARIANTS[variant][0]
         lines.append(f"| {name} | {'–' if loss is None else f'{loss:.3f}'} | {_cell(s, 'joint/sync_gated')} | "
                      f"{_cell(s, 'joint/shuffled_gated')} | {_cell(s, 'v2a/v2a_f1')} | {_cell(s, 'a2v/a2v_f1')} |")
     return "\n".join(lines) + "\n"

@@ -107,7 +107,10 @@ MUTATIONS = [
     Mutation("absent_stream_noised", "t2v's absent audio gets the sampled t instead of t = 1", MASKS,
              "        t_a[~self.audio_present] = 1.0\n", "        pass\n", (T_OBJ,)),
     Mutation("sd3_rule_inverted", "shift sqrt(reference / n) instead of sqrt(n / reference)", SCHED,
-             "return math.sqrt(n / self.reference_tokens)", "return math.sqrt(self.reference_tokens / n)", (T_SCHED,)),
+             "math.sqrt(n / self.reference_tokens))", "math.sqrt(self.reference_tokens / n))", (T_SCHED,)),
+    Mutation("min_shift_ignored", "the sd3 floor min_shift ignored (audio shifted to 0.88 again)", SCHED,
+             "return max(self.min_shift, math.sqrt(n / self.reference_tokens))",
+             "return math.sqrt(n / self.reference_tokens)", (T_SCHED,)),
 ]
 
 

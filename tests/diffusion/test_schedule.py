@@ -24,6 +24,12 @@ def test_rules_by_hand():
     assert lin(1024) == pytest.approx(math.exp(0.95)) and lin(4096) == pytest.approx(math.exp(2.05))
     assert lin(2560) == pytest.approx(math.exp(1.5))
     assert ShiftRule(method="constant", shift=3.0)(10) == 3.0 and ShiftRule(method="none")(99999) == 1.0
+    floored = ShiftRule(min_shift=1.0)                        # the shipped default (conf/train.yaml)
+    assert floored(200) == 1.0 and floored(64) == 1.0 and floored(1024) == 2.0
+    assert ShiftRule(method="linear", min_shift=5.0)(1024) == 5.0           # exp(0.95) ≈ 2.59 floored
+    assert ShiftRule(method="constant", shift=0.5, min_shift=1.0)(10) == 0.5  # a constant is what it says
+    with pytest.raises(ValueError, match="min_shift"):
+        ShiftRule(min_shift=-1.0)
     with pytest.raises(ValueError, match="unknown timestep shift method"):
         ShiftRule(method="cosine")
     with pytest.raises(ValueError, match="unknown timestep shift field"):
