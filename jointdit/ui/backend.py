@@ -279,12 +279,6 @@ class Backend:
         return guidance_branches(guidance, prompt=clip and bool(prompt), negative=clip and bool(negative),
                                  image=clip and image)
 
-    def attention_knob(self, name: str, knob: Any) -> int:
-        """The K/V pooling (``kv_downsample`` / ``kv_pool_space``) a request runs with: the knob, or (0) the
-        export's, or 1."""
-        exported = ((self.session.meta if self.session is not None else {}).get("attention") or {}).get(name)
-        return int(knob or 0) or int(exported or 1)
-
     def estimate(self, task: str, weights: dict[str, Any], knobs: dict[str, Any], prompt: str = "",
                  negative: str = "", both: bool = False) -> dict[str, Any]:
         """The sampling plan (:func:`jointdit.memory.sampling_plan`: model, codec and CLIP weights, the batched
@@ -295,10 +289,9 @@ class Backend:
 
         s = self._need()
         branches = self.branches(task, weights, prompt, negative, both)
-        vram = {"q_chunk_v": int(knobs.get("q_chunk_v") or 0), "q_chunk_a": int(knobs.get("q_chunk_a") or 0),
-                "kv_downsample": self.attention_knob("kv_downsample", knobs.get("kv_downsample")),
-                "kv_pool_space": self.attention_knob("kv_pool_space", knobs.get("kv_pool_space")),
-                "vid_decode_chunk": int(knobs.get("vid_decode_chunk") or 0) or None}
+        # K/V pooling 0 = the model's own: sampling_plan falls back to the export's attention settings itself
+        vram = {k: int(knobs.get(k) or 0) for k in ("q_chunk_v", "q_chunk_a", "kv_downsample", "kv_pool_space")}
+        vram["vid_decode_chunk"] = int(knobs.get("vid_decode_chunk") or 0) or None
         plan = sampling_plan(s.checkpoint, device=s.device, vram=vram, codec=(s.video_codec, s.audio_codec),
                              clip=None if s.clip is not None else False, spec=s.spec, branches=branches,
                              max_t=int(knobs.get("max_t") or 0))
