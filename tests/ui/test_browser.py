@@ -88,16 +88,22 @@ def _set_number(page, elem_id: str, value) -> None:
 
 def _play(page, task: str, kind: str = "video") -> dict:
     """Play the result (``kind``: its <video>, or for t2a the <audio> behind its waveform, which sits beside a
-    hidden standard player) muted and report what Chromium decoded."""
+    hidden standard player) muted until its clock moves (at most 30 s) and report what Chromium decoded."""
     player = page.locator(f"#video-{task} video" if kind == "video" else f"#audio-{task} [data-testid^=waveform] audio")
     player.wait_for(state="attached", timeout=120_000)
     return player.evaluate("""async v => {
         v.muted = true;
         if (v.readyState < 1) await new Promise(r => v.addEventListener('loadedmetadata', r, {once: true}));
         await v.play();
-        await new Promise(r => setTimeout(r, 1500));
-        return {duration: v.duration, time: v.currentTime, audioBytes: v.webkitAudioDecodedByteCount,
-                videoBytes: v.webkitVideoDecodedByteCount, src: v.currentSrc};
+        // a loaded CI machine can take seconds to start the media clock: poll instead of one fixed sleep
+        const deadline = Date.now() + 30000;
+        while ((v.currentTime === 0 || v.webkitAudioDecodedByteCount + v.webkitVideoDecodedByteCount === 0)
+               && !v.ended && Date.now() < deadline)
+            await new Promise(r => setTimeout(r, 100));
+        v.pause();
+        return {duration: v.duration, time: v.ended ? v.duration : v.currentTime, ended: v.ended,
+                audioBytes: v.webkitAudioDecodedByteCount, videoBytes: v.webkitVideoDecodedByteCount,
+                src: v.currentSrc};
     }""")
 
 
