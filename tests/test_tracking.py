@@ -182,8 +182,10 @@ def test_dataset_model_registry_and_system_metrics_reach_mlflow(tmp_path, hydra_
     tracker = open_run(cfg)
     log_dataset(tracker, cfg, cache, {"train": 2, "val": 0}, {"video_shape": [4, 12, 8, 8]})
     assert log_model(tracker, model_dir, "jointdit-demo") == "1"
-    time.sleep(1.5)
-    run_id = tracker.run_id
+    run_id, deadline = tracker.run_id, time.time() + 30
+    while not any(k.startswith("system/") for k in _run(tmp_path, run_id)[1].data.metrics):
+        assert time.time() < deadline, "no system metric logged within 30 s at a 0.2 s interval"
+        time.sleep(0.2)
     tracker.end()
     client, run = _run(tmp_path, run_id)
     (entry,) = run.inputs.dataset_inputs
