@@ -121,6 +121,18 @@ class Estimate:
         return d
 
 
+# latent-sized fp32 tensors the solver holds during a step (diffusion/sampler.integrate, guidance.combine):
+# per seed its noise, the held state, the scheduler's update and the guided sum; per guidance row the batched
+# input and the prediction. Found by the t2v/t2a measured runs, where no decode hides them.
+SOLVER_LATENTS_PER_SEED, SOLVER_LATENTS_PER_ROW = 4, 2
+
+
+def solver_bytes(sampling: Estimate, seeds: int, rows: int) -> int:
+    """The solver's fp32 latents next to the model's forward: ``4·latent·(4·seeds + 2·rows)`` bytes, with
+    ``latent`` one sample's video + audio latent elements (``sampling.info["latent"]``, cropped)."""
+    return 4 * int(sampling.info["latent"]) * (SOLVER_LATENTS_PER_SEED * int(seeds) + SOLVER_LATENTS_PER_ROW * int(rows))
+
+
 @dataclass(frozen=True)
 class PreviewTerms:
     """What a preview sample inside the training process adds besides the exported model copy: codec and
@@ -255,7 +267,7 @@ def estimate_peak(model_config: Mapping[str, Any], video_shape: Sequence[int], a
     qv = kn.q_chunk_v if 0 < kn.q_chunk_v < nv else nv
     qa = kn.q_chunk_a if 0 < kn.q_chunk_a < na else na
     q_live = n if kn.q_chunk_v == 0 and kn.q_chunk_a == 0 else max(qv, qa)
-    est.info = {"tokens_video": nv, "tokens_audio": na, "keys": tokens.keys, "Tv": tv, "La": la, "batch": b,
+    est.info = {"tokens_video": nv, "tokens_audio": na, "keys": tokens.keys, "Tv": tv, "La": la, "latent": latent, "batch": b,
                 "training": training, "precision": precision if mixed else "fp32", "attention_kernel": attention_kernel}
     if not training:
         # No autograd: a few [B, N, D]-sized tensors and one MLP hidden live at once (CPU fit).
@@ -297,7 +309,7 @@ def estimate_peak(model_config: Mapping[str, Any], video_shape: Sequence[int], a
     if preview is not None:
         sample = estimate_peak(model_config, video_shape, audio_shape, kn, micro_batch=preview.branches,
                                precision=precision, training=False, attention_kernel=attention_kernel, device=device)
-        forward = sample.activations + sample.attention + sample.overhead
+        forward = sample.activations + sample.attention + sample.overhead + solver_bytes(sample, 1, preview.branches)
         est.preview = int(resident + 4 * p + preview.codec_weights + preview.clip_weights
                           + max(forward, preview.decode) + preview.media)
     est.peak = int(max(train, est.preview))
@@ -593,9 +605,11 @@ class SamplingPlan:
     """What one ``jointdit.sample`` session holds at its peak (bytes) and whether it fits the budget.
 
     resident  = weights (model fp32 + unmerged adapters) + codec weights + CLIP weights
-    working   = max(forward, decode)    the batched forward (``branches × batch_size`` rows, no autograd)
-                                       finishes before the codecs decode one clip; decode = the larger of
-                                       the video and the audio decode (one after the other)
+    working   = max(forward, decode)    the batched forward (``branches × batch_size`` rows, no autograd,
+                                       plus the solver's fp32 latents: noise, state and its update, the
+                                       guided sum per seed, input and prediction per row) finishes before
+                                       the codecs decode one clip; decode = the larger of the video and the
+                                       audio decode (one after the other; none for the stream a task leaves absent)
     total     = resident + working + media   (media: the decoded clip fp32 ×2 + its uint8 frames, the wave)
     planned   = total · (1 + margin);  fits = planned <= budget
     """
@@ -664,6 +678,7 @@ def _sampling_model_config(folder: Path) -> tuple[dict[str, Any], Path]:
     import json
 
     from jointdit import checkpoints, lora
+    from jointdit.diffusion import masks
 
     if (folder / "config.json").exists():
         return json.loads((folder / "config.json").read_text()), folder
@@ -694,7 +709,7 @@ def guidance_branches(guidance: Any, *, prompt: bool = True, negative: bool = Tr
 def sampling_plan(checkpoint: str | os.PathLike, *, device: Any = None, vram: Mapping[str, Any] | None = None,
                   codec: Mapping[str, Any] | None = None, clip: Any = None, spec: Any = None, adapters: Any = None,
                   branches: Any = 3, batch_size: int = 1, max_t: int | None = None, budget_bytes: int | None = None,
-                  margin: float | None = None) -> SamplingPlan:
+                  margin: float | None = None, task: str | None = None) -> SamplingPlan:
     """The memory plan of sampling ``checkpoint`` — from its ``config.json`` / ``jointdit.json`` and the
     codec/CLIP folders' files only: nothing is loaded. Arguments as :func:`jointdit.sample.load_session`:
 
@@ -707,10 +722,13 @@ def sampling_plan(checkpoint: str | os.PathLike, *, device: Any = None, vram: Ma
     branches    guidance rows per sample: an int, or a JointCFG (:func:`guidance_branches`, upper bound)
     batch_size  seeds integrated together (``SampleRequest.batch_size``)
     max_t       latent frames sampled (``SampleRequest.max_t``; None: ``vram.max_t``; 0: the whole clip)
+    task        the sampler task; the stream it leaves absent (t2v's audio, t2a's video) is neither decoded
+                nor held, so it costs nothing here; None: both streams counted
     budget      ``budget_bytes`` > ``vram.budget_gb`` > :func:`detect_budget` (CUDA memory, else available RAM)
     margin      > ``vram.margin`` > :data:`DEFAULT_MARGIN`
     """
     from jointdit import checkpoints, lora
+    from jointdit.diffusion import masks
     from jointdit.latents import LatentSpec, spec_for_data
     from jointdit.memory_terms import clip_weights_bytes, codec_terms, weights_bytes
 
@@ -758,8 +776,14 @@ def sampling_plan(checkpoint: str | os.PathLike, *, device: Any = None, vram: Ma
     clip_settings = meta.get("clip") if clip is None else (None if clip is False else clip)
     clip_bytes, note = clip_weights_bytes(dict(clip_settings) if isinstance(clip_settings, Mapping) else None)
     notes += [note] if note else []
+    present = {"video", "audio"} if task is None else set(masks.present_streams(task))
+    if "video" not in present:
+        terms.decode_video = 0
+    if "audio" not in present:
+        terms.decode_audio = 0
     h, w = geometry.size
-    media = _media_bytes(frames, h, w, int(round(frames / geometry.fps * geometry.sample_rate)))
+    media = _media_bytes(frames if "video" in present else 0, h, w,
+                         int(round(frames / geometry.fps * geometry.sample_rate)) if "audio" in present else 0)
     if budget_bytes is not None:
         budget = int(budget_bytes)
     elif vram.get("budget_gb"):
@@ -768,7 +792,8 @@ def sampling_plan(checkpoint: str | os.PathLike, *, device: Any = None, vram: Ma
         budget = detect_budget(dev)
     m = float(margin if margin is not None else vram.get("margin", DEFAULT_MARGIN) or 0.0)
     return SamplingPlan(weights=est.params + adapter_bytes, codec_weights=terms.weights, clip_weights=clip_bytes,
-                        forward=est.activations + est.attention + est.overhead, decode_video=terms.decode_video,
+                        forward=est.activations + est.attention + est.overhead + solver_bytes(est, int(batch_size), rows),
+                        decode_video=terms.decode_video,
                         decode_audio=terms.decode_audio, media=media,
                         budget=budget, margin=m, branches=guidance_branches(branches), batch_size=int(batch_size),
                         knobs=knobs, vid_decode_chunk=chunk, notes=notes,

@@ -242,7 +242,7 @@ def _check_plan(ckpt: Path, device: torch.device, vram: dict, codec: Any, clip: 
     if request is not None:
         iso_prob = checkpoints.load_export_meta(ckpt).get("iso_prob") if ckpt.is_dir() else None
         plan_kw = {"branches": _guidance(request.guidance, iso_prob, quiet=True), "batch_size": int(request.batch_size),
-                   "max_t": int(request.max_t or 0)}
+                   "max_t": int(request.max_t or 0), "task": request.task}
     clip = _plain(clip)
     codec = codec if isinstance(codec, tuple) else _plain(codec)
     knobs = {**vram, **{name: int(value) for name, value in pooling.items() if value is not None}}

@@ -54,9 +54,37 @@ def test_plan_reads_the_folder_counts_weights_and_rows(export):
     wider = sampling_plan(folder, device="cpu", branches=4, budget_bytes=64 * 2**30)
     assert wider.forward > plan.forward and wider.weights == plan.weights
     batched = sampling_plan(folder, device="cpu", branches=2, batch_size=2, budget_bytes=64 * 2**30)
-    assert batched.forward == wider.forward                  # 2 seeds × 2 branches = 4 rows
+    # 2 seeds × 2 branches = 4 rows, the model's forward of wider; the second seed adds its own solver latents
+    # (noise, state, update, guided sum: 4 fp32 copies of [16, 192, 8, 8] + [1, 200, 64])
+    assert batched.forward - wider.forward == 4 * 4 * (16 * 192 * 8 * 8 + 200 * 64)
     short = sampling_plan(folder, device="cpu", branches=2, max_t=4, budget_bytes=64 * 2**30)
     assert short.forward < plan.forward and short.info["frames"] == 4
+
+
+def test_a_one_stream_task_does_not_plan_the_absent_streams_decode(export):
+    """t2v writes no sound and t2a no picture (sample._decode skips them), so neither decode nor media is held
+    for the absent stream; load_session(plan_for=…) plans with the request's task."""
+    from jointdit.sample import SampleRequest, load_session
+
+    folder, _ = export
+    both = sampling_plan(folder, device="cpu", branches=1, budget_bytes=2**40)
+    assert sampling_plan(folder, device="cpu", branches=1, budget_bytes=2**40, task="joint").as_dict() == both.as_dict()
+    t2v = sampling_plan(folder, device="cpu", branches=1, budget_bytes=2**40, task="t2v")
+    t2a = sampling_plan(folder, device="cpu", branches=1, budget_bytes=2**40, task="t2a")
+    assert (t2v.decode_audio, t2v.decode_video) == (0, both.decode_video) and both.decode_audio > 0
+    assert (t2a.decode_video, t2a.decode_audio) == (0, both.decode_audio)  # (the pixel codec's decode is a reshape)
+    frames, pixels, samples = both.info["frames"], SIZE * SIZE * 3, int(SECONDS * SR)
+    assert both.media - t2v.media == 2 * 4 * samples                # the fp32 wave and its fitted copy
+    assert both.media - t2a.media == 9 * frames * pixels             # fp32 frames ×2 and their uint8 copy
+    assert t2v.forward == t2a.forward == both.forward                # the absent stream still rides the forward
+    # between t2v's plan and the joint one: the sampler loads for t2v and refuses joint, before loading anything
+    budget = (t2v.planned + both.planned) // 2
+    assert t2v.planned < budget < both.planned
+    knobs = {"budget_gb": budget / 2**30, "margin": both.margin}
+    none = {"name": "none"}
+    load_session(folder, device="cpu", vram=knobs, plan_for=SampleRequest(task="t2v", guidance=none))
+    with pytest.raises(MemoryPlanError, match="codec.audio.decode_batch"):
+        load_session(folder, device="cpu", vram=knobs, plan_for=SampleRequest(task="joint", guidance=none))
 
 
 def test_branch_count_matches_the_guidance_forward():
@@ -130,21 +158,24 @@ base = rss("VmRSS")
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")
 session = load_session(spec["folder"], device="cpu")
-generate(session, SampleRequest(task="joint", steps=2, guidance=spec["guidance"], seeds=[0]))
+generate(session, SampleRequest(task=spec["task"], steps=2, guidance=spec["guidance"], seeds=[0]))
 print("MEASURE " + json.dumps({"peak": rss("VmHWM") - base}))
 """
 
 
 @pytest.mark.slow
-def test_plan_is_never_below_a_measured_sampling_run(tmp_path):
-    """Held-out oracle: peak RSS of a child that loads the export and samples it (pixel_mel, Griffin-Lim)."""
+@pytest.mark.parametrize("task", ["joint", "t2v", "t2a"])
+def test_plan_is_never_below_a_measured_sampling_run(tmp_path, task):
+    """Held-out oracle: peak RSS of a child that loads the export and samples it (pixel_mel, Griffin-Lim);
+    the one-stream tasks, planned without their absent stream's decode, too."""
     folder, _ = _export(tmp_path / "model", hidden_size=128, depth=4, num_heads=4)
     guidance = {"name": "jointcfg", "w_v": 1.0, "w_a": 1.0, "allow_untrained_iso": True}
+    guidance = guidance if task == "joint" else {"name": "none"}
     from jointdit.diffusion.guidance import build_guidance
 
-    plan = sampling_plan(folder, device="cpu", branches=build_guidance(guidance), budget_bytes=2**40)
+    plan = sampling_plan(folder, device="cpu", branches=build_guidance(guidance), budget_bytes=2**40, task=task)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
-    res = subprocess.run([sys.executable, "-c", _SAMPLE_CHILD, json.dumps({"folder": str(folder), "guidance": guidance})],
+    res = subprocess.run([sys.executable, "-c", _SAMPLE_CHILD, json.dumps({"folder": str(folder), "guidance": guidance, "task": task})],
                          capture_output=True, text=True, env=env, timeout=900)
     line = [x for x in res.stdout.splitlines() if x.startswith("MEASURE ")]
     assert line, res.stderr[-3000:]

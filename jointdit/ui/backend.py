@@ -294,7 +294,7 @@ class Backend:
         vram["vid_decode_chunk"] = int(knobs.get("vid_decode_chunk") or 0) or None
         plan = sampling_plan(s.checkpoint, device=s.device, vram=vram, codec=(s.video_codec, s.audio_codec),
                              clip=None if s.clip is not None else False, spec=s.spec, branches=branches,
-                             max_t=int(knobs.get("max_t") or 0))
+                             max_t=int(knobs.get("max_t") or 0), task=task)
         resident = plan.weights + plan.codec_weights + plan.clip_weights
         needed = plan.planned - (int(resident * (1 + plan.margin)) if s.device.type == "cpu" else 0)
         return {**plan.as_dict(), "branches": branches, "needed": needed, "fits": needed <= plan.budget,

@@ -125,7 +125,10 @@ def test_estimate_is_the_sampling_plan_for_the_branches_and_knobs_that_run(backe
     spec, model = backend.session.spec, backend.session.model
     want = estimate_peak(dict(model.config), spec.video_shape, spec.audio_shape,
                          Knobs(max_t=4, kv_downsample=2, kv_pool_space=2), micro_batch=2, training=False, device="cpu")
-    assert est["branches"] == 2 and est["forward"] == want.activations + want.attention + want.overhead
+    (_, cv, hv, wv), (ca, _, fa) = spec.video_shape, spec.audio_shape
+    latents = 4 * (4 * cv * hv * wv + ca * want.info["La"] * fa)   # one seed's fp32 latents, 4 video frames
+    solver = (4 + 2 * 2) * latents          # noise, state, update, guided sum + input and prediction of 2 rows
+    assert est["branches"] == 2 and est["forward"] == want.activations + want.attention + want.overhead + solver
     assert (est["max_t"], est["kv_downsample"], est["kv_pool_space"]) == (4, 2, 2)
     assert est["weights"] == 4 * sum(p.numel() for p in model.parameters())       # fp32, counted from the files
     assert est["clip_weights"] == 0                                                # the test model has no CLIP
