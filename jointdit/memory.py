@@ -678,7 +678,6 @@ def _sampling_model_config(folder: Path) -> tuple[dict[str, Any], Path]:
     import json
 
     from jointdit import checkpoints, lora
-    from jointdit.diffusion import masks
 
     if (folder / "config.json").exists():
         return json.loads((folder / "config.json").read_text()), folder
